@@ -1,0 +1,64 @@
+"""Every environment variable resilient reads or sets, as a named constant.
+
+Precedence everywhere: explicit argument > environment > default.
+"""
+
+from __future__ import annotations
+
+import os
+
+# torch.distributed's contract (set by resilient-run for each worker, as torchrun does)
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+WORLD_SIZE = "WORLD_SIZE"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+GROUP_RANK = "GROUP_RANK"
+GROUP_WORLD_SIZE = "GROUP_WORLD_SIZE"
+ROLE_RANK = "ROLE_RANK"
+ROLE_WORLD_SIZE = "ROLE_WORLD_SIZE"
+MASTER_ADDR = "MASTER_ADDR"
+MASTER_PORT = "MASTER_PORT"
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
+RUN_ID = "TORCHELASTIC_RUN_ID"
+ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
+
+# resilient's own contract between the agent and its workers
+JOB_ID = "RESILIENT_JOB_ID"
+NODE_ID = "RESILIENT_NODE_ID"
+GENERATION = "RESILIENT_GENERATION"
+AGENT_SOCKET = "RESILIENT_AGENT_SOCKET"
+CONTROL_FILE = "RESILIENT_CONTROL_FILE"
+EVENT_LOG = "RESILIENT_EVENT_LOG"
+SNAPSHOT_EVERY = "RESILIENT_SNAPSHOT_EVERY"
+BACKEND = "RESILIENT_BACKEND"
+LOG_LEVEL = "RESILIENT_LOG_LEVEL"
+FAILPOINTS = "RESILIENT_FAILPOINTS"
+ETCD_ENDPOINTS = "RESILIENT_ETCD_ENDPOINTS"
+ETCD_BINARY = "RESILIENT_ETCD_BINARY"
+NO_NATIVE = "RESILIENT_NO_NATIVE"
+SHM_DIR = "RESILIENT_SHM_DIR"
+
+
+def get(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def get_int(name: str, default: int | None = None) -> int | None:
+    value = get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        from resilient.errors import ConfigError
+
+        raise ConfigError(f"Environment variable {name}={value!r} must be an integer.") from exc
+
+
+def get_bool(name: str, default: bool = False) -> bool:
+    value = get(name)
+    if value is None:
+        return default
+    return value.lower() in ("1", "true", "yes", "on")
