@@ -1,0 +1,1 @@
+"""The worker side of the agent <-> worker contract (see ``api.py``)."""
