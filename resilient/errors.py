@@ -98,3 +98,7 @@ class CheckpointCorruptError(PersistError):
 
 class ChaosError(ResilientError):
     """The chaos harness could not set up, inject or evaluate a scenario."""
+
+
+class FailpointError(ResilientError):
+    """A failpoint armed with ``raise`` fired (an injected failure, see ``resilient.failpoints``)."""
