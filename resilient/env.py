@@ -38,6 +38,7 @@ ETCD_ENDPOINTS = "RESILIENT_ETCD_ENDPOINTS"
 ETCD_BINARY = "RESILIENT_ETCD_BINARY"
 NO_NATIVE = "RESILIENT_NO_NATIVE"
 SHM_DIR = "RESILIENT_SHM_DIR"
+DEVICE = "RESILIENT_DEVICE"  # "cpu" | "cuda": overrides the device the decorator picks
 
 
 def get(name: str, default: str | None = None) -> str | None:
@@ -62,3 +63,5 @@ def get_bool(name: str, default: bool = False) -> bool:
     if value is None:
         return default
     return value.lower() in ("1", "true", "yes", "on")
+REPLICAS = "RESILIENT_REPLICAS"
+REPLICATION_RATE = "RESILIENT_REPLICATION_RATE"
