@@ -102,3 +102,8 @@ class ChaosError(ResilientError):
 
 class FailpointError(ResilientError):
     """A failpoint armed with ``raise`` fired (an injected failure, see ``resilient.failpoints``)."""
+
+
+class EtcdIndeterminateError(EtcdUnavailableError):
+    """A non-idempotent etcd write (a transaction) failed in a way that leaves its outcome unknown: it may or
+    may not have been applied. Re-read the keys it guards and decide again (its compares make that safe)."""

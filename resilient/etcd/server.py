@@ -10,7 +10,8 @@ Health and leadership are read from etcd's plain-HTTP metrics listener (``/healt
 ``etcd_server_is_leader`` gauge), so this module needs no etcd client and works the same with TLS on the
 client port. A child etcd never outlives this process: it is reaped on stop/kill, an ``atexit`` hook
 stops whatever is still running, and on Linux the child gets ``PR_SET_PDEATHSIG`` (SIGKILL) so it also
-dies if the Python process is killed outright.
+dies if the Python process is killed outright (children are forked from one long-lived thread, since
+the death signal follows the forking thread).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -168,6 +170,40 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+class _Spawner:
+    """Starts child processes from one long-lived daemon thread. ``PR_SET_PDEATHSIG`` fires when the
+    *thread* that forked the child exits, so children must not be forked from short-lived threads (a
+    ``threading.Timer`` restarting a member, a fixture thread): this thread lives as long as the process."""
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="etcd-spawner", daemon=True)
+                self._thread.start()
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._requests.put((args, kwargs, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _loop(self) -> None:
+        while True:
+            args, kwargs, done = self._requests.get()
+            try:
+                done.put((True, subprocess.Popen(args, **kwargs)))  # noqa: S603 - our own argument list
+            except OSError as exc:
+                done.put((False, exc))
+
+
+_spawner = _Spawner()
+
+
 def _http_get(url: str, timeout: float) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
         return resp.read().decode("utf-8", "replace")
@@ -244,7 +280,7 @@ class _Member:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap
-        self.proc = subprocess.Popen(  # noqa: S603 - our own argument list
+        self.proc = _spawner.popen(
             self.args(binary),
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -383,16 +419,15 @@ class _Base:
         return EtcdSettings(endpoints=self.endpoints, ca_cert=tls.trusted_ca_file if tls else None)
 
     def close(self) -> None:
-        """Stop every member and remove the data directory (idempotent)."""
+        """Kill every member and remove the data directory (idempotent). The data is thrown away, so there is
+        nothing a graceful stop would preserve, and a graceful cluster stop waits for leader transfers."""
         if self._closed:
             return
         self._closed = True
         try:
             for m in self._members:
-                m.stop()
-        finally:
-            for m in self._members:
                 m.kill()
+        finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __del__(self) -> None:
@@ -417,7 +452,11 @@ class EmbeddedEtcd(_Base):
         super().__init__(config, "resilient-etcd-")
         self._members = [self._new_member()]
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()  # the error already carries the log tail
+                raise
 
     def _new_member(self) -> _Member:
         client, peer, metrics = free_ports(3)
@@ -502,7 +541,11 @@ class EmbeddedCluster(_Base):
         self.n = n
         self._members = self._new_members()
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()  # the error already carries the log tail
+                raise
 
     def _new_members(self) -> list[_Member]:
         ports = free_ports(3 * self.n)
