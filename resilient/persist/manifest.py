@@ -7,9 +7,9 @@ Layout under a persist directory::
     step-00000120/manifest.json          written last: its presence is the commit point
 
 ``manifest.json`` records step, generation, world size, job, creation time, torch and resilient
-versions, and per shard the file name, size and sha256 of the whole file, the size of the non-tensor
-state, and per tensor its dtype, shape, byte range and crc32. The manifest carries a sha256 of its own
-canonical JSON (``checksum``), so a damaged manifest is detected, not trusted.
+versions, and per shard the file name, size and crc32 of the whole file, the size of the non-tensor
+state, and per tensor its dtype, shape, byte range and crc32 (see ``checksum``). The manifest carries a
+sha256 of its own canonical JSON (``checksum``), so a damaged manifest is detected, not trusted.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class TensorEntry:
         return self.end - self.begin
 
 
+def file_order(entries) -> tuple[TensorEntry, ...]:
+    """Tensor entries in the order of their bytes in the file (the canonical order of a ShardEntry)."""
+    return tuple(sorted(entries, key=lambda t: (t.begin, t.end, t.name)))
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     """One rank's shard file."""
@@ -68,7 +73,7 @@ class ShardEntry:
     rank: int
     file: str
     bytes: int
-    sha256: str
+    crc32: int  # of the whole file
     meta_bytes: int
     tensors: tuple[TensorEntry, ...]
 
@@ -129,7 +134,7 @@ class Manifest:
                     "rank": s.rank,
                     "file": s.file,
                     "bytes": s.bytes,
-                    "sha256": s.sha256,
+                    "crc32": s.crc32,
                     "meta_bytes": s.meta_bytes,
                     "tensors": {
                         t.name: {"dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end], "crc32": t.crc32}
@@ -177,9 +182,9 @@ def from_json(text: str | bytes, *, where: str = "?") -> Manifest:
                 rank=int(s["rank"]),
                 file=str(s["file"]),
                 bytes=int(s["bytes"]),
-                sha256=str(s["sha256"]),
+                crc32=int(s["crc32"]),
                 meta_bytes=int(s["meta_bytes"]),
-                tensors=tuple(
+                tensors=file_order(
                     TensorEntry(
                         name=name,
                         dtype=str(t["dtype"]),

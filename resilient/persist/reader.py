@@ -3,14 +3,12 @@
 ``latest_complete(directory)`` is the newest checkpoint whose manifest is committed and whose files
 verify; a corrupt or partial one is skipped with a warning and a ``ckpt.verify_failed`` event, and the
 one before it is used. ``load`` reads shards back as ``ShardState`` (tensors view one buffer per file,
-no extra copy), checking each file's sha256 on the way. ``load_latest`` does both in one read of the
+no extra copy), checking every tensor's and file's crc32 on the way. ``load_latest`` does both in one read of the
 bytes: it tries checkpoints newest first and falls back when one fails verification.
 """
 
 from __future__ import annotations
 
-import hashlib
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +18,11 @@ import torch
 from resilient import events
 from resilient.errors import CheckpointCorruptError, PersistError
 from resilient.logs import get_logger
-from resilient.persist import shardfile
+from resilient.persist import checksum, shardfile
 from resilient.persist.fs import Storage, open_storage
 from resilient.persist.manifest import MANIFEST_NAME, Manifest, from_json, parse_step_dir
 
 log = get_logger(__name__)
-
-_HASH_CHUNK = 16 << 20
 
 
 @dataclass
@@ -102,40 +98,50 @@ def _read_verified(manifest: Manifest, rank: int, *, verify: bool, deep: bool = 
         raise CheckpointCorruptError(
             f"Checkpoint step {manifest.step}: shard file {where} is {len(buf)} bytes, the manifest says {shard.bytes}."
         )
-    if not verify:
-        return buf
-    view = memoryview(buf)
-    sha = hashlib.sha256()
-    for start in range(0, len(view), _HASH_CHUNK):
-        sha.update(view[start:start + _HASH_CHUNK])
-    if sha.hexdigest() != shard.sha256 or deep:
-        parsed = shardfile.parse(buf, where=where)
-        for entry in shard.tensors:
-            if entry.name not in parsed.tensors:
-                raise CheckpointCorruptError(
-                    f"Checkpoint step {manifest.step}: shard file {where} lacks tensor {entry.name!r}."
-                )
-            data = view[parsed.data_start + entry.begin:parsed.data_start + entry.end]
-            crc = 0
-            for start in range(0, len(data), _HASH_CHUNK):
-                crc = zlib.crc32(data[start:start + _HASH_CHUNK], crc)
-            if crc != entry.crc32:
-                raise CheckpointCorruptError(
-                    f"Checkpoint step {manifest.step}: tensor {entry.name!r} in {where} fails its crc32 "
-                    f"(got {crc:08x}, manifest {entry.crc32:08x}); the file is corrupt."
-                )
-        if sha.hexdigest() != shard.sha256:
-            raise CheckpointCorruptError(
-                f"Checkpoint step {manifest.step}: shard file {where} fails its sha256 (got {sha.hexdigest()}, "
-                f"manifest {shard.sha256}); the file is corrupt outside any tensor's bytes (header or metadata)."
-            )
+    if verify:
+        _check_crc(manifest, shard, buf, where=where, deep=deep)
     return buf
 
 
-def verify(manifest: Manifest, *, deep: bool = False) -> None:
-    """Read every shard file and check its sha256 (``deep``: also each tensor's crc32).
+def _check_crc(manifest: Manifest, shard, buf: bytearray, *, where: str, deep: bool) -> None:
+    """One crc32 pass: each tensor against its crc32, the file (combined) against the file's crc32.
 
-    ``CheckpointCorruptError`` names the file, and the tensor where one is to blame.
+    Tensor ranges come from the manifest, not from the file's own (possibly damaged) header.
+    """
+    view = memoryview(buf)
+    data_start = shard.bytes - max((t.end for t in shard.tensors), default=0)
+    file_crc = checksum.crc32(view[:data_start])
+    expected_begin = 0
+    bad: list[str] = []
+    for entry in shard.tensors:
+        if entry.begin != expected_begin:
+            raise CheckpointCorruptError(
+                f"Checkpoint step {manifest.step}: the manifest's byte ranges for {where} are not contiguous at "
+                f"tensor {entry.name!r}; the manifest is damaged."
+            )
+        crc = checksum.crc32(view[data_start + entry.begin:data_start + entry.end])
+        file_crc = checksum.crc32_combine(file_crc, crc, entry.nbytes)
+        expected_begin = entry.end
+        if crc != entry.crc32:
+            bad.append(f"{entry.name!r} in {where} fails its crc32 (got {crc:08x}, manifest {entry.crc32:08x})")
+            if not deep:
+                break
+    if bad:
+        raise CheckpointCorruptError(
+            f"Checkpoint step {manifest.step}: tensor {'; tensor '.join(bad)}; the file is corrupt."
+        )
+    if file_crc != shard.crc32:
+        raise CheckpointCorruptError(
+            f"Checkpoint step {manifest.step}: shard file {where} fails its crc32 (got {file_crc:08x}, manifest "
+            f"{shard.crc32:08x}) though every tensor matches; its header or metadata is corrupt."
+        )
+
+
+def verify(manifest: Manifest, *, deep: bool = False) -> None:
+    """Read every shard file and check its tensors' and its own crc32 (``deep``: report every bad tensor,
+    not just the first).
+
+    ``CheckpointCorruptError`` names the file, and the tensor(s) to blame.
     """
     check_files(manifest)
     for shard in manifest.shards:
@@ -157,7 +163,11 @@ def _state_from(manifest: Manifest, rank: int, buf: bytearray) -> ShardState:
         )
     tensors = {name: shardfile.tensor_from(buf, parsed, name) for name in sorted(parsed.tensors)}
     meta = shardfile.decode_meta(parsed.metadata, where=where)
-    return ShardState(step=manifest.step, generation=manifest.generation, meta=meta, tensors=tensors)
+    try:
+        generation = int(parsed.metadata.get("resilient.generation", manifest.generation))
+    except ValueError as exc:
+        raise CheckpointCorruptError(f"Shard file {where} has a malformed generation in its metadata.") from exc
+    return ShardState(step=manifest.step, generation=generation, meta=meta, tensors=tensors)
 
 
 def _report_skip(manifest_or_dir: str, step: int, exc: Exception, on_event: Callable[[dict], Any] | None) -> None:

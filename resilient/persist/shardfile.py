@@ -8,7 +8,7 @@ so every tensor starts at an offset aligned to its element size.
 Non-tensor state (the snapshot's ``meta`` bytes: pickled RNG states, sampler position, user values) is
 kept in the header's ``__metadata__`` as base64 under ``resilient.meta``, beside ``resilient.step``,
 ``resilient.generation`` and ``resilient.rank``. The whole file, metadata included, is covered by the
-sha256 in the manifest.
+file's crc32 in the manifest.
 """
 
 from __future__ import annotations

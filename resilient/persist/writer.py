@@ -22,7 +22,6 @@ the whole sequence for a caller that holds every shard.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import time
 import zlib
@@ -35,22 +34,20 @@ import torch
 from resilient import failpoints as fp_mod
 from resilient.errors import CheckpointCorruptError, PersistError
 from resilient.logs import get_logger
-from resilient.persist import shardfile
+from resilient.persist import checksum, shardfile
 from resilient.persist.fs import Storage
 from resilient.persist.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardEntry,
     TensorEntry,
+    file_order,
     from_json,
     shard_file_name,
     step_dir_name,
 )
 
 log = get_logger(__name__)
-
-_CHUNK = 16 << 20  # hash and write in 16 MiB pieces (GIL released for each)
-
 
 class ShardLike(Protocol):
     """What a shard snapshot provides (``resilient.store.Snapshot`` and ``ShardState`` both do)."""
@@ -95,17 +92,17 @@ def write_shard(
     name = shard_file_name(rank)
     writer = storage.writer(f"{directory}/{name}")
     try:
-        sha = hashlib.sha256(header)
+        file_crc = checksum.crc32(header)
         writer.write(header)
         entries = []
         for index, item in enumerate(planned):
             crc = 0
             data = item.data
-            for start in range(0, data.nbytes, _CHUNK):
-                chunk = data[start:start + _CHUNK]
-                sha.update(chunk)
+            for start in range(0, data.nbytes, checksum.CHUNK):
+                chunk = data[start:start + checksum.CHUNK]
                 crc = zlib.crc32(chunk, crc)
                 writer.write(chunk)
+            file_crc = checksum.crc32_combine(file_crc, crc, data.nbytes)
             entries.append(TensorEntry(item.name, item.dtype, item.shape, item.begin, item.end, crc))
             if index == 0:
                 fp.hit("persist.shard.mid_write", rank=rank, step=shard.step)
@@ -118,8 +115,8 @@ def write_shard(
         writer.abort()
         raise
     size = len(header) + (planned[-1].end if planned else 0)
-    return ShardEntry(rank=rank, file=name, bytes=size, sha256=sha.hexdigest(), meta_bytes=len(meta),
-                      tensors=tuple(entries))
+    return ShardEntry(rank=rank, file=name, bytes=size, crc32=file_crc, meta_bytes=len(meta),
+                      tensors=file_order(entries))
 
 
 def commit_manifest(

@@ -1,0 +1,102 @@
+"""``resilient inspect`` and ``resilient export`` (as the functions the CLI calls)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+from persist_helpers import make_shards
+from safetensors.torch import load_file
+
+from resilient.cli_persist import export_main, inspect_main
+from resilient.persist import ShardState, open_storage, write_checkpoint
+
+
+def _model_checkpoint(ckpt_dir, step=7):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors["optimizer/state/0/exp_avg"] = torch.ones(4, 8)
+    shards = {r: ShardState(step, 1, b"meta", dict(tensors)) for r in range(2)}
+    write_checkpoint(open_storage(ckpt_dir), step, 1, 2, shards, job="j")
+    return model
+
+
+def test_inspect_prints_the_manifest_and_verifies(ckpt_dir, capsys):
+    write_checkpoint(open_storage(ckpt_dir), 12, 3, 2, make_shards(12), job="demo")
+    out = io.StringIO()
+    assert inspect_main([os.path.join(ckpt_dir, "step-00000012"), "--tensors"], out=out) == 0
+    text = out.getvalue()
+    assert "step 12" in text and "generation 3" in text and "world size 2" in text and "job demo" in text
+    assert "rank-0.safetensors" in text and "rank-1.safetensors" in text and "model/layer.weight" in text
+    size = os.path.getsize(os.path.join(ckpt_dir, "step-00000012", "rank-0.safetensors"))
+    assert str(size) in text
+    assert "verified" in text
+
+
+def test_inspect_exits_1_naming_the_corrupt_file_and_tensor(ckpt_dir, capsys):
+    write_checkpoint(open_storage(ckpt_dir), 1, 1, 2, make_shards(1), job="j")
+    write_checkpoint(open_storage(ckpt_dir), 2, 1, 2, make_shards(2), job="j")
+    path = os.path.join(ckpt_dir, "step-00000002", "rank-1.safetensors")
+    with open(path, "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 0x80]))
+    out = io.StringIO()
+    assert inspect_main([ckpt_dir], out=out) == 1
+    err = capsys.readouterr().err
+    assert "step 2" in err and "rank-1.safetensors" in err and "crc32" in err
+    assert "step 1" in out.getvalue()  # the healthy one is listed too
+    assert inspect_main([os.path.join(ckpt_dir, "step-00000001")], out=io.StringIO()) == 0
+
+
+def test_inspect_reports_partial_without_failing_and_json_prints_the_manifest(ckpt_dir):
+    write_checkpoint(open_storage(ckpt_dir), 1, 1, 2, make_shards(1), job="j")
+    os.makedirs(os.path.join(ckpt_dir, "step-00000002"))
+    out = io.StringIO()
+    assert inspect_main([ckpt_dir], out=out) == 0
+    assert "partial" in out.getvalue()
+    out = io.StringIO()
+    assert inspect_main([os.path.join(ckpt_dir, "step-00000001", "manifest.json"), "--json"], out=out) == 0
+    assert '"world_size": 2' in out.getvalue()
+
+
+def test_inspect_of_a_missing_directory_fails_clearly(tmp_path, capsys):
+    assert inspect_main([str(tmp_path / "nothing")], out=io.StringIO()) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_export_only_model_gives_a_state_dict_that_load_state_dict_accepts(ckpt_dir, tmp_path):
+    model = _model_checkpoint(ckpt_dir)
+    out_pt = str(tmp_path / "model.pt")
+    assert export_main([ckpt_dir, out_pt, "--only", "model", "--rank", "1"], out=io.StringIO()) == 0
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    fresh.load_state_dict(torch.load(out_pt, weights_only=True), strict=True)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+    out_st = str(tmp_path / "model.safetensors")
+    assert export_main([os.path.join(ckpt_dir, "step-00000007"), out_st, "--only", "model"], out=io.StringIO()) == 0
+    plain = load_file(out_st)
+    assert set(plain) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert torch.equal(plain["2.bias"], model.state_dict()["2.bias"])
+
+
+def test_export_without_only_keeps_every_key_in_the_chosen_format(ckpt_dir, tmp_path):
+    _model_checkpoint(ckpt_dir)
+    out = str(tmp_path / "all.bin")
+    assert export_main([ckpt_dir, out, "--format", "safetensors"], out=io.StringIO()) == 0
+    assert "optimizer/state/0/exp_avg" in load_file(out)
+
+
+def test_export_errors_exit_1_with_a_message(ckpt_dir, tmp_path, capsys):
+    _model_checkpoint(ckpt_dir)
+    assert export_main([ckpt_dir, str(tmp_path / "x.pt"), "--only", "nope"], out=io.StringIO()) == 1
+    assert "['model', 'optimizer']" in capsys.readouterr().err
+    assert export_main([ckpt_dir, str(tmp_path / "x.pt"), "--rank", "5"], out=io.StringIO()) == 1
+    assert "--rank 5" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "empty"), str(tmp_path / "x.pt")], out=io.StringIO()) == 1
+    assert "No complete checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.pt")
