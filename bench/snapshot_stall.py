@@ -1,0 +1,125 @@
+"""How long a snapshot blocks the training thread, next to a plain torch memcpy of the same bytes.
+
+For each state size (100 MB, 1 GB; 4 GB with ``--big``) a module holding that many bytes of float32
+parameters is protected in a ``Context`` over a ``LocalRuntime`` (the real segment and store engine:
+native when built, else the pure-Python twin). The stall is the wall time of ``ctx.snapshot()``
+(capture, copy + checksum into the inactive slot, seal), the median of ``--reps`` runs after two warm-ups
+that create the segment and fault in both of its slots. The baseline, measured in the same run, is
+``dst.copy_(src)`` over the same tensors into preallocated, touched CPU buffers (median of ``--reps``),
+with torch allowed as many threads as the store's copy engine uses. With ``--device cuda`` the
+parameters live on the GPU and the baseline is a device-to-host ``copy_`` into pinned buffers.
+
+Prints one JSON line per size: ``{"bytes", "stall_s", "memcpy_s", "ratio", ...}``.
+
+    python bench/snapshot_stall.py [--big] [--reps 5] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from resilient.elastic.context import Context  # noqa: E402
+from resilient.elastic.snapshots import SnapshotWriter  # noqa: E402
+from resilient.runtime.local import LocalRuntime  # noqa: E402
+from resilient.store import backend, is_native  # noqa: E402
+
+TENSOR_BYTES = 32 << 20  # parameters of 32 MiB each, like the big layers of a model
+
+
+class Blob(torch.nn.Module):
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        super().__init__()
+        sizes = [TENSOR_BYTES] * (nbytes // TENSOR_BYTES)
+        if nbytes % TENSOR_BYTES:
+            sizes.append(nbytes % TENSOR_BYTES)
+        self.params = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.rand(n // 4, device=device), requires_grad=False) for n in sizes
+        )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(nbytes: int, reps: int, device: torch.device, runtime: LocalRuntime) -> dict:
+    model = Blob(nbytes, device)
+    writer = SnapshotWriter(runtime)
+    ctx = Context(
+        runtime=runtime, assignment=runtime.assignment(), device=device, writer=writer, snapshot_every=0, seed=0
+    )
+    ctx.protect(model=model)
+    stalls = []
+    for i in range(reps + 2):
+        sync(device)
+        began = time.perf_counter()
+        ctx.snapshot()
+        stall = time.perf_counter() - began
+        if i >= 2:
+            stalls.append(stall)
+    srcs = [p.data for p in model.params]
+    dsts = [torch.empty(s.shape, dtype=s.dtype, pin_memory=device.type == "cuda") for s in srcs]
+    for d in dsts:
+        d.fill_(1.0)  # fault the pages in, as the segment was by the warm-up snapshot
+    copies = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, backend().default_threads()))
+    memcpy_threads = torch.get_num_threads()
+    for i in range(reps + 1):
+        sync(device)
+        began = time.perf_counter()
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+        sync(device)
+        if i:
+            copies.append(time.perf_counter() - began)
+    torch.set_num_threads(threads)
+    writer.close()
+    runtime.close()
+    stall_s, memcpy_s = statistics.median(stalls), statistics.median(copies)
+    return {
+        "bytes": sum(s.numel() * s.element_size() for s in srcs),
+        "stall_s": round(stall_s, 6),
+        "memcpy_s": round(memcpy_s, 6),
+        "ratio": round(stall_s / memcpy_s, 3),
+        "device": str(device),
+        "engine": "native" if is_native() else "python",
+        "engine_threads": backend().default_threads(),
+        "memcpy_threads": memcpy_threads,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", action="store_true", help="also measure 4 GB of state")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes-mb", type=str, default=None, help="comma-separated sizes in MB (overrides)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.sizes_mb:
+        sizes = [int(float(s) * 1e6) for s in args.sizes_mb.split(",")]
+    else:
+        sizes = [100_000_000, 1_000_000_000] + ([4_000_000_000] if args.big else [])
+    shm_dir = tempfile.mkdtemp(prefix="resilient-bench-stall-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.environ["RESILIENT_SHM_DIR"] = shm_dir
+    try:
+        for nbytes in sizes:
+            print(json.dumps(measure(nbytes, args.reps, device, LocalRuntime(mode="single"))), flush=True)
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

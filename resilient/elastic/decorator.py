@@ -1,0 +1,237 @@
+"""``@resilient.elastic``: run a train function through failures and membership changes.
+
+The loop, per worker process::
+
+    assignment -> init process group -> Context -> fn(ctx)
+      returned                      -> final snapshot, train.done, return fn's value
+      peer failure / new generation -> recover.begin, tear the group down (NCCL aborted first), wait for the
+                                       next generation, call fn again (state comes back via ctx.protect)
+      any other exception           -> write torchelastic's error file, re-raise (the process exits non-zero
+                                       and the agent handles it)
+
+"Peer failure" is an error from a collective (gloo raises when a peer closes its connection; NCCL is
+aborted) or ``GenerationChangedError`` (raised by ``ctx.steps()`` when the agent announced a newer
+generation); any exception raised while the runtime reports a pending generation counts too, because
+it was caused by the membership change.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+
+from resilient import env, events, logs
+from resilient.elastic import distributed
+from resilient.elastic.context import Context, Recovery
+from resilient.elastic.snapshots import SnapshotWriter
+from resilient.errors import ConfigError, RendezvousClosedError
+from resilient.runtime.api import WorkerAssignment, WorkerRuntime
+
+log = logs.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """Settings of one decorated train function (argument > environment > default)."""
+
+    snapshot_every: int = 1  # snapshot after every N steps; 0: only ctx.snapshot() and the final one
+    backend: str | None = None  # None: RESILIENT_BACKEND, else nccl on CUDA and gloo on CPU
+    device: str | None = None  # None: cuda:<local_rank> when CUDA is available, else cpu
+    seed: int = 0  # seeds per-rank RNGs after a world-size change (with step and rank)
+    pg_timeout_s: float = 300.0  # collective timeout (failures are detected by the agent, not by this)
+    generation_timeout_s: float = 1800.0  # longest wait for the next generation
+
+    def __post_init__(self) -> None:
+        if self.snapshot_every < 0:
+            raise ConfigError(
+                f"snapshot_every must be >= 0 (0 turns periodic snapshots off); got {self.snapshot_every}."
+            )
+        if self.backend is not None and self.backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
+            raise ConfigError(f"backend {self.backend!r} is not a torch.distributed backend (gloo, nccl, ...).")
+        if self.pg_timeout_s <= 0 or self.generation_timeout_s <= 0:
+            raise ConfigError(
+                f"pg_timeout_s ({self.pg_timeout_s}) and generation_timeout_s ({self.generation_timeout_s}) "
+                "must be positive."
+            )
+
+
+def elastic(
+    fn: Callable[..., Any] | None = None,
+    *,
+    snapshot_every: int | None = None,
+    backend: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    pg_timeout_s: float = 300.0,
+    generation_timeout_s: float = 1800.0,
+    runtime: Callable[[], WorkerRuntime] | None = None,
+) -> Any:
+    """Decorate ``fn(ctx, *args, **kwargs)``; usable bare (``@elastic``) or with arguments.
+
+    ``runtime`` is a factory for the ``WorkerRuntime`` (default: chosen from the environment)."""
+
+    def wrap(train: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(train)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            config = ElasticConfig(
+                snapshot_every=env.get_int(env.SNAPSHOT_EVERY, 1) if snapshot_every is None else snapshot_every,
+                backend=backend or env.get(env.BACKEND),
+                device=device,
+                seed=seed,
+                pg_timeout_s=pg_timeout_s,
+                generation_timeout_s=generation_timeout_s,
+            )
+            return Driver(train, config, runtime).run(args, kwargs)
+
+        return run
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def _device_for(config: ElasticConfig, assignment: WorkerAssignment) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    if config.backend != "gloo" and torch.cuda.is_available():
+        return torch.device("cuda", assignment.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def write_error_file(exc: BaseException) -> str | None:
+    """Record ``exc`` in ``TORCHELASTIC_ERROR_FILE`` (torch.distributed.elastic's ``record`` format)."""
+    path = env.get(env.ERROR_FILE)
+    if not path:
+        return None
+    data = {
+        "message": {
+            "message": f"{type(exc).__name__}: {exc}",
+            "extraInfo": {
+                "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                "timestamp": str(int(time.time())),
+            },
+        }
+    }
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+    except OSError as err:
+        log.error("could not write the error file %s: %s", path, err)
+        return None
+    return path
+
+
+def _process_age_s() -> float | None:
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process(os.getpid()).create_time())
+    except (ImportError, OSError) as exc:
+        log.debug("process start time unknown: %s", exc)
+        return None
+
+
+class Driver:
+    """One decorated call: the recovery loop described in the module docstring."""
+
+    def __init__(
+        self, fn: Callable[..., Any], config: ElasticConfig, runtime_factory: Callable[[], WorkerRuntime] | None
+    ) -> None:
+        self.fn = fn
+        self.config = config
+        self._runtime_factory = runtime_factory
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        if self._runtime_factory is None:
+            from resilient.runtime.select import runtime_from_env
+
+            runtime = runtime_from_env()
+        else:
+            runtime = self._runtime_factory()
+        writer = SnapshotWriter(runtime)
+        try:
+            return self._loop(runtime, writer, args, kwargs)
+        except Exception as exc:
+            write_error_file(exc)
+            distributed.teardown(abort=True)  # peers may be gone: never wait on them on the way out
+            raise
+        finally:
+            distributed.teardown(abort=False)
+            writer.close()
+            runtime.close()
+
+    def _loop(self, runtime: WorkerRuntime, writer: SnapshotWriter, args: tuple, kwargs: dict) -> Any:
+        assignment = runtime.assignment()
+        self._identify(assignment)
+        events.emit("worker.ready", rank=assignment.rank, import_s=_process_age_s())
+        recovery: Recovery | None = None
+        while True:
+            device = _device_for(self.config, assignment)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            backend = self.config.backend or distributed.default_backend(device)
+            try:
+                began = time.monotonic()
+                distributed.init(
+                    assignment,
+                    rendezvous=getattr(runtime, "rendezvous", "agent"),
+                    backend=backend,
+                    device=device,
+                    timeout=timedelta(seconds=self.config.pg_timeout_s),
+                )
+                if recovery is not None:
+                    recovery.phases["pg_init_s"] = time.monotonic() - began
+                ctx = Context(
+                    runtime=runtime,
+                    assignment=assignment,
+                    device=device,
+                    writer=writer,
+                    snapshot_every=self.config.snapshot_every,
+                    seed=self.config.seed,
+                    recovery=recovery,
+                )
+                result = self.fn(ctx, *args, **kwargs)
+            except Exception as exc:
+                if not (distributed.is_collective_failure(exc) or runtime.pending_generation()):
+                    raise
+                recovery, assignment = self._recover(runtime, assignment, exc)
+                continue
+            ctx._finish()
+            distributed.teardown(abort=False)
+            return result
+
+    def _recover(
+        self, runtime: WorkerRuntime, assignment: WorkerAssignment, exc: BaseException
+    ) -> tuple[Recovery, WorkerAssignment]:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        began = time.monotonic()
+        events.emit("recover.begin", reason=reason)
+        log.warning("generation %d failed (%s); recovering in-process", assignment.generation, reason)
+        recovery = Recovery(reason=reason, began=began)
+        distributed.teardown(abort=True)
+        recovery.phases["teardown_s"] = time.monotonic() - began
+        waited = time.monotonic()
+        try:
+            new = runtime.wait_for_generation(after=assignment.generation, timeout=self.config.generation_timeout_s)
+        except RendezvousClosedError as closed:
+            log.error("no new generation will form (%s); giving up with the original error", closed)
+            raise exc from closed
+        recovery.phases["generation_s"] = time.monotonic() - waited
+        if new.world_size != assignment.world_size:
+            log.info(
+                "world size changes from %d to %d in generation %d", assignment.world_size, new.world_size, new.generation
+            )
+        self._identify(new)
+        return recovery, new
+
+    @staticmethod
+    def _identify(assignment: WorkerAssignment) -> None:
+        logs.set_identity(
+            job=assignment.job_id, node=assignment.node_id, rank=assignment.rank, gen=assignment.generation, step=None
+        )
