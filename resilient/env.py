@@ -65,3 +65,8 @@ def get_bool(name: str, default: bool = False) -> bool:
     return value.lower() in ("1", "true", "yes", "on")
 REPLICAS = "RESILIENT_REPLICAS"
 REPLICATION_RATE = "RESILIENT_REPLICATION_RATE"
+
+# set by resilient-run for each worker: CLOCK_MONOTONIC seconds when the agent asked for the process
+SPAWN_MONO = "RESILIENT_SPAWN_MONO"
+# per-job secret that peer agents authenticate with (else derived from the job id)
+JOB_TOKEN = "RESILIENT_JOB_TOKEN"

@@ -1,0 +1,215 @@
+"""Replication throughput between two agents on loopback, beside raw loopback TCP measured in the same run.
+
+Two processes, each a "host" running a real ``ShardManager`` (real etcd, real shared-memory segments, gRPC
+control, the bulk transport). Each host owns one rank with ``--gb`` GiB of state; both seal at the same
+moment (what happens at every snapshot), each replicates its shard to the other, and the step commits.
+``replication_gbps`` = bytes replicated (both directions) / wall time from the seal to the commit seen by
+both hosts (it includes verifying the sealed slot, the receiver's checksums and the etcd commit).
+``tcp_gbps`` = the same bytes blasted in both directions at once between the same two processes with the
+store backend's raw ``blast_send``/``blast_recv`` (no checksums, no protocol). Best of ``--repeat``.
+
+``host_loss_recovery_s`` needs the full agent and launcher (a host's death to the next finished step); it
+is null here, with a note, until the end-to-end harness measures it.
+
+    python bench/replication.py [--gb 1.0] [--repeat 3]
+
+Prints one JSON line: {"replication_gbps", "tcp_gbps", "ratio", "lease_ttl_s", "host_loss_recovery_s",
+"snapshot_host_bytes", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOKEN = b"bench-replication-token"
+
+
+def _host(index: int, conn, endpoints: tuple[str, ...], job: str, shm_dir: str, nbytes: int) -> None:
+    """One host: a ShardManager driven by commands from the parent over ``conn``."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    from resilient.config import EtcdSettings
+    from resilient.etcd.client import EtcdKV
+    from resilient.etcd.server import free_ports
+    from resilient.keys import JobKeys
+    from resilient.rendezvous.executor import fenced_txn
+    from resilient.rendezvous.model import Assignment, NodeInfo
+    from resilient.replication.manager import ShardManager
+    from resilient.store import Segment, backend
+
+    kv = EtcdKV.connect(EtcdSettings(endpoints=endpoints))
+    keys = JobKeys(job)
+    p1, p2 = free_ports(2)
+    node = NodeInfo(f"n{index}", f"host{index}", f"127.0.0.1:{p1}", f"127.0.0.1:{p2}", 1, 0)
+    lease = kv.lease_grant(600)
+    kv.put(keys.node(node.node_id), node.to_json(), lease=lease)
+
+    class Fence:
+        def fenced_txn(self, generation, compares, success, failure=()):
+            return fenced_txn(kv, keys, generation, node.node_id, lease, compares, success, failure)
+
+    mgr = ShardManager(kv, keys, node, replicas=2, token=TOKEN, rendezvous=Fence(), shm_dir=shm_dir)
+    mgr.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    state = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    recv_buf = torch.empty(nbytes, dtype=torch.uint8)
+    be = backend()
+    conn.send({"node": node.to_json().decode(), "blast_port": listener.getsockname()[1], "native": be.__name__})
+    assignment = None
+    try:
+        while True:
+            cmd = conn.recv()
+            op = cmd[0]
+            if op == "form":
+                assignment = Assignment.from_json(cmd[1].encode())
+                mgr.on_generation(assignment)
+                conn.send("ok")
+            elif op == "write":
+                step = cmd[1]
+                seg = Segment.open(mgr.segment_for(index, nbytes + (1 << 20)), shm_dir)
+                state[0] = float(step)
+                seg.write({"state": state}, step=step, generation=assignment.generation)
+                seg.seal()
+                seg.close()
+                conn.send("ok")
+            elif op == "release":
+                step = cmd[1]
+                t0 = time.monotonic()
+                mgr.on_sealed(index, step, assignment.generation, nbytes)
+                deadline = t0 + 600
+                while mgr.committed_step() != step and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                conn.send({"t0": t0, "t1": time.monotonic(), "committed": mgr.committed_step(),
+                           "skipped": mgr.stats.skipped, "host_bytes": mgr.host_memory_bytes()})
+            elif op == "blast":
+                peer_port = cmd[1]
+                got = {}
+
+                def recv() -> None:
+                    c, _ = listener.accept()
+                    with c:
+                        got["n"] = be.blast_recv(c.fileno(), recv_buf.data_ptr(), nbytes, 60.0)
+
+                t = threading.Thread(target=recv)
+                t.start()
+                conn.send("listening")
+                conn.recv()  # both listening: go
+                t0 = time.monotonic()
+                with socket.create_connection(("127.0.0.1", peer_port)) as s:
+                    be.blast_send(s.fileno(), state.data_ptr(), nbytes, 60.0)
+                t.join()
+                conn.send({"t0": t0, "t1": time.monotonic(), "n": got.get("n", 0)})
+            elif op == "stop":
+                break
+    finally:
+        listener.close()
+        mgr.close(unlink=True)
+        kv.lease_revoke(lease)
+        kv.close()
+        conn.send("stopped")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gb", type=float, default=1.0, help="GiB of snapshot state per host (default 1)")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    nbytes = int(args.gb * (1 << 30)) // 4096 * 4096
+
+    from resilient.config import Timeouts
+    from resilient.rendezvous.model import Assignment, NodeEntry, NodeInfo
+    from resilient.testing.etcd import running_etcd
+
+    shm_root = tempfile.mkdtemp(prefix="rsl-bench-repl-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    job = f"bench-repl-{os.getpid()}"
+    try:
+        with running_etcd() as etcd:
+            for i in range(2):
+                parent, child = ctx.Pipe()
+                d = os.path.join(shm_root, f"host{i}")
+                os.makedirs(d)
+                p = ctx.Process(target=_host, args=(i, child, tuple(etcd.endpoints), job, d, nbytes), daemon=True)
+                p.start()
+                procs.append(p)
+                conns.append(parent)
+            hello = [c.recv() for c in conns]
+            nodes = [NodeInfo.from_json(h["node"].encode()) for h in hello]
+            a = Assignment(1, 2, tuple(NodeEntry(n.node_id, n.host, n.addr, n.bulk_addr, k, (k,)) for k, n in enumerate(nodes)),
+                           "127.0.0.1", 1, time.time())
+            from resilient.keys import JobKeys
+            from resilient.etcd.client import EtcdKV
+
+            kv = EtcdKV.connect(etcd.settings)
+            kv.put(JobKeys(job).gen(1), a.to_json())
+            kv.close()
+            for c in conns:
+                c.send(("form", a.to_json().decode()))
+            [c.recv() for c in conns]
+
+            repl, tcp, host_bytes, skipped = [], [], 0, 0
+            for r in range(args.repeat):
+                step = r + 1
+                for c in conns:
+                    c.send(("write", step))
+                [c.recv() for c in conns]
+                for c in conns:
+                    c.send(("release", step))
+                res = [c.recv() for c in conns]
+                if any(x["committed"] != step for x in res):
+                    raise SystemExit(f"step {step} did not commit: {res}")
+                elapsed = max(x["t1"] for x in res) - min(x["t0"] for x in res)
+                repl.append(2 * nbytes / elapsed / 1e9)
+                host_bytes = max(x["host_bytes"] for x in res)
+                skipped = sum(x["skipped"] for x in res)
+                # raw TCP, both directions at once, the same bytes
+                for k, c in enumerate(conns):
+                    c.send(("blast", hello[1 - k]["blast_port"]))
+                [c.recv() for c in conns]
+                for c in conns:
+                    c.send("go")
+                res = [c.recv() for c in conns]
+                if any(x["n"] != nbytes for x in res):
+                    raise SystemExit(f"raw TCP blast received short: {res}")
+                tcp.append(2 * nbytes / (max(x["t1"] for x in res) - min(x["t0"] for x in res)) / 1e9)
+            for c in conns:
+                c.send(("stop",))
+            [c.recv() for c in conns]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        shutil.rmtree(shm_root, ignore_errors=True)
+    best_repl, best_tcp = max(repl), max(tcp)
+    print(json.dumps({
+        "replication_gbps": round(best_repl, 3),
+        "tcp_gbps": round(best_tcp, 3),
+        "ratio": round(best_repl / best_tcp, 3),
+        "lease_ttl_s": Timeouts.from_lease_ttl().lease_ttl,
+        "host_loss_recovery_s": None,
+        "snapshot_host_bytes": host_bytes,
+        "state_bytes_per_host": nbytes,
+        "backend": hello[0]["native"],
+        "skipped": skipped,
+        "runs_replication_gbps": [round(x, 3) for x in repl],
+        "runs_tcp_gbps": [round(x, 3) for x in tcp],
+        "note": "host_loss_recovery_s needs the full agent + launcher (end-to-end harness); null until measured there",
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""When a step is committed: a pure decision, and the thin fenced executor that applies it in etcd.
+
+``decide`` says whether step ``s`` of generation ``g`` can be committed: every rank ``0..world_size-1``
+has a manifest of ``s`` listing at least ``required`` holders, and the commit record does not already
+hold ``s`` or a newer step (committed steps only move forward). ``prunable`` says which manifests are
+garbage once a step is committed: older steps, and uncommitted steps of older generations (fenced off,
+they can never commit).
+
+``CommitExecutor.try_commit`` reads the manifests and the commit record, decides, and writes the record
+with a transaction fenced by generation (``rendezvous.fenced_txn``) that also compares the record's
+``mod_revision``, so two agents racing to commit the same or different steps cannot move it backwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from resilient.etcd.api import Compare, KVStore, Put
+from resilient.keys import JobKeys
+from resilient.logs import get_logger
+from resilient.replication.manifest import CommitRecord, ShardManifest, parse_ckpt_key
+
+log = get_logger(__name__)
+
+COMMIT = "commit"
+WAIT = "wait"
+STALE = "stale"
+
+
+@dataclass(frozen=True)
+class CommitDecision:
+    action: str  # COMMIT | WAIT | STALE
+    reason: str
+    missing: tuple[int, ...] = ()  # ranks without enough verified copies (WAIT)
+
+
+def decide(
+    generation: int,
+    world_size: int,
+    step: int,
+    manifests: Mapping[int, ShardManifest],
+    required: int,
+    current: CommitRecord | None,
+) -> CommitDecision:
+    if current is not None and current.step >= step:
+        return CommitDecision(STALE, f"step {current.step} is already committed (>= {step})")
+    missing = []
+    for rank in range(world_size):
+        m = manifests.get(rank)
+        if (
+            m is None
+            or m.step != step
+            or m.generation != generation
+            or m.world_size != world_size
+            or len(set(m.holders)) < required
+        ):
+            missing.append(rank)
+    if missing:
+        return CommitDecision(WAIT, f"ranks {missing} have fewer than {required} verified copies of step {step}", tuple(missing))
+    return CommitDecision(COMMIT, f"all {world_size} shards of step {step} have >= {required} copies")
+
+
+def prunable(manifest_keys: Iterable[tuple[int, int, int]], committed: CommitRecord) -> list[tuple[int, int, int]]:
+    """Manifests to delete once ``committed`` is the commit record: everything except the committed step's
+    own manifests and newer steps of the committed or a newer generation (still in flight)."""
+    out = []
+    for g, s, r in manifest_keys:
+        if (g, s) == (committed.generation, committed.step):
+            continue
+        if g >= committed.generation and s > committed.step:
+            continue
+        out.append((g, s, r))
+    return out
+
+
+def read_commit(kv: KVStore, keys: JobKeys) -> tuple[CommitRecord | None, int]:
+    """The commit record and its ``mod_revision`` (0 when absent)."""
+    kv_ = kv.get(keys.committed)
+    if kv_ is None:
+        return None, 0
+    return CommitRecord.decode(kv_.value), kv_.mod_revision
+
+
+def read_manifests(kv: KVStore, keys: JobKeys, generation: int, step: int) -> dict[int, ShardManifest]:
+    items, _ = kv.get_prefix(keys.ckpt_step_prefix(generation, step))
+    out: dict[int, ShardManifest] = {}
+    for item in items:
+        parsed = parse_ckpt_key(keys, item.key)
+        if parsed is not None:
+            out[parsed[2]] = ShardManifest.decode(item.value)
+    return out
+
+
+class CommitExecutor:
+    """Applies commit decisions in etcd; every write fenced by the caller's generation."""
+
+    def __init__(self, kv: KVStore, keys: JobKeys, rendezvous: object, attempts: int = 8) -> None:
+        self.kv = kv
+        self.keys = keys
+        self.rendezvous = rendezvous
+        self.attempts = attempts
+
+    def try_commit(self, generation: int, world_size: int, step: int, required: int, replicas: int) -> CommitDecision:
+        """Commit ``step`` if ``decide`` allows; raises FencedError when ``generation`` is stale."""
+        decision = CommitDecision(WAIT, "not tried")
+        for _ in range(self.attempts):
+            current, mod = read_commit(self.kv, self.keys)
+            manifests = read_manifests(self.kv, self.keys, generation, step)
+            decision = decide(generation, world_size, step, manifests, required, current)
+            if decision.action != COMMIT:
+                return decision
+            record = CommitRecord(step=step, generation=generation, world_size=world_size, replicas=required)
+            guard = Compare(self.keys.committed, "mod", "==", mod) if mod else Compare(self.keys.committed, "version", "==", 0)
+            result = self.rendezvous.fenced_txn(generation, [guard], [Put(self.keys.committed, record.encode())])  # type: ignore[attr-defined]
+            if result.succeeded:
+                log.info("committed step %d (generation %d, %d ranks, %d copies each)", step, generation, world_size, required)
+                return decision
+        return CommitDecision(WAIT, f"the commit record kept changing under {self.attempts} attempts to commit step {step}")
+
+    def prune(self, committed: CommitRecord) -> int:
+        """Delete manifests made garbage by ``committed`` (see ``prunable``); returns how many."""
+        items, _ = self.kv.get_prefix(self.keys.ckpt_prefix)
+        parsed = [p for p in (parse_ckpt_key(self.keys, i.key) for i in items) if p is not None]
+        doomed = prunable(parsed, committed)
+        for g, s, r in doomed:
+            self.kv.delete(self.keys.ckpt(g, s, r))
+        return len(doomed)
+
+    def write_manifest(self, generation: int, manifest: ShardManifest) -> None:
+        """Write (or update) the manifest of one shard; raises FencedError when ``generation`` is stale."""
+        key = self.keys.ckpt(manifest.generation, manifest.step, manifest.rank)
+        self.rendezvous.fenced_txn(generation, [], [Put(key, manifest.encode())])  # type: ignore[attr-defined]
+
+
+__all__ = ["COMMIT", "WAIT", "STALE", "CommitDecision", "CommitExecutor", "decide", "prunable", "read_commit", "read_manifests"]

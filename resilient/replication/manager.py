@@ -1,0 +1,556 @@
+"""``ShardManager``: the node agent's owner of snapshot shards — local segments, replication to peers,
+checkpoint commit in etcd, and restore from whichever copy survived.
+
+Flow of one sealed snapshot (``on_sealed``, never blocking the caller): the newest seal of a rank replaces
+one still queued (the older one is skipped and counted); a sender thread verifies the slot in place,
+writes the shard manifest ``ckpt/<g>/<step>/<rank>`` (fenced by generation), and for each peer that the
+placement names: Offer over gRPC (the peer checks generation and placement and makes room without
+touching its committed copy), paced by the token bucket, ``send_slot`` over the native bulk transport
+(the peer verifies every chunk before it seals), then the manifest gains that holder. Then the commit
+check: when every rank of the step has its copies, ``committed`` moves forward in a fenced transaction.
+A shard that cannot reach all of its holders within ``replicate_timeout_s`` (peer gone, refused,
+generation changed) is skipped: event ``replica.skipped`` and the ``skipped`` counter; training is never
+blocked and the previous committed step stays the restore point.
+
+Restore (``prepare_restore``): the committed step only; the local copy when present and verified, else
+each holder in the restore plan in turn (``Pull``: the holder verifies its copy, reports corruption
+instead of sending it, and streams it into this node's bulk receiver), every copy checked against the
+manifest's digest; a corrupt copy is reported (``ckpt.verify_failed``) and skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from resilient import events
+from resilient.errors import ChecksumError, FencedError, ReplicationError, StoreError, TransportError
+from resilient.etcd.api import KVStore, WatchEvent, WatchHandle
+from resilient.keys import JobKeys
+from resilient.logs import get_logger
+from resilient.replication import placement as placement_mod
+from resilient.replication import restore as restore_mod
+from resilient.replication.commit import COMMIT, CommitExecutor, read_commit, read_manifests
+from resilient.replication.local import LocalShards, digest_of, verify
+from resilient.replication.manifest import CommitRecord, ShardManifest
+from resilient.replication.peer_service import (
+    PeerAuthority,
+    PeerClient,
+    PeerHandler,
+    PeerRefused,
+    PeerServicer,
+    Sender,
+    start_server,
+)
+from resilient.replication.ratelimit import TokenBucket
+from resilient.replication.settings import ReplicationSettings
+from resilient.runtime.api import RestoreSource
+from resilient.store.transport import BulkReceiver, SlotHeader, send_slot
+from resilient._proto import peer_pb2 as pb
+
+log = get_logger(__name__)
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ReplicationError(f"Address {address!r} is not host:port.")
+    return host, int(port)
+
+
+@dataclass
+class _Job:
+    rank: int
+    step: int
+    generation: int
+    nbytes: int
+    queued_at: float
+
+
+@dataclass
+class _Expected:
+    deadline: float
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Stats:
+    sent_bytes: int = 0
+    sent_shards: int = 0
+    received_bytes: int = 0
+    skipped: int = 0
+    committed: int = 0
+    verify_failed: int = 0
+    restored_bytes: int = 0
+
+
+class ShardManager(PeerHandler):
+    """See the module docstring. Thread-safe; ``start`` before use, ``close`` at the end."""
+
+    def __init__(
+        self,
+        kv: KVStore,
+        keys: JobKeys,
+        node,
+        *,
+        replicas: int,
+        token: bytes,
+        rendezvous,
+        shm_dir: str | None = None,
+        rate_limit_bps: float | None = None,
+        settings: ReplicationSettings | None = None,
+    ) -> None:
+        self.kv = kv
+        self.keys = keys
+        self.node = node
+        self.token = bytes(token)
+        self.rendezvous = rendezvous
+        self.settings = settings or ReplicationSettings.resolve(replicas, rate_limit_bps)
+        self.local = LocalShards(keys.job, node.node_id, shm_dir)
+        self.executor = CommitExecutor(kv, keys, rendezvous)
+        self.authority = PeerAuthority(keys.job, node.node_id, self.token)
+        self.client = PeerClient(self.authority, self._gen_or_zero, self.settings.rpc_timeout_s, self.settings.max_message_bytes)
+        self.stats = Stats()
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._assignment = None
+        self._placement: placement_mod.Placement | None = None
+        self._committed: CommitRecord | None = None
+        self._pending: dict[int, _Job] = {}
+        self._order: list[int] = []
+        self._active: set[int] = set()
+        self._expect: dict[tuple[int, int, int], _Expected] = {}
+        self._bucket = (
+            TokenBucket(self.settings.rate_limit_bps, self.settings.rate_limit_bps * 0.25, time.monotonic())
+            if self.settings.rate_limit_bps
+            else None
+        )
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self._receiver: BulkReceiver | None = None
+        self._watch: WatchHandle | None = None
+        self.peer_address: str | None = None
+        self.bulk_address: str | None = None
+
+    # --- lifetime ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        adopted = self.local.adopt()
+        if adopted:
+            log.info("adopted %d snapshot segments left on this host: %s", len(adopted), adopted)
+        bhost, bport = split_hostport(self.node.bulk_addr)
+        self._receiver = BulkReceiver(
+            bhost, bport, self.token, self._resolve, timeout=self.settings.replicate_timeout_s, on_received=self._on_received
+        )
+        self.bulk_address = f"{bhost}:{self._receiver.address[1]}"
+        servicer = PeerServicer(self, self.authority)
+        self._server, self.peer_address = start_server(servicer, self.node.addr, self.settings.max_message_bytes)
+        record, _ = read_commit(self.kv, self.keys)
+        self._advance_committed(record)
+        self._watch = self.kv.watch_prefix(self.keys.committed, self._on_commit_event)
+        for i in range(self.settings.send_workers):
+            t = threading.Thread(target=self._send_loop, name=f"replicate-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self, unlink: bool = True) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(self.settings.replicate_timeout_s + 5)
+        self._threads.clear()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self._server is not None:
+            self._server.stop(grace=None)
+            self._server = None
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+        self.client.close()
+        self.local.close(unlink)
+
+    # --- membership -------------------------------------------------------------------------------------
+    def _gen_or_zero(self) -> int:
+        with self._lock:
+            return self._assignment.generation if self._assignment is not None else 0
+
+    def on_generation(self, assignment) -> None:
+        """New membership: placement recomputed, queued work of older generations dropped (counted)."""
+        p = placement_mod.for_assignment(assignment, self.settings.replicas)
+        if p.warning:
+            log.warning("%s", p.warning)
+        dropped = []
+        with self._cv:
+            if self._assignment is not None and assignment.generation < self._assignment.generation:
+                return
+            self._assignment = assignment
+            self._placement = p
+            for rank, job in list(self._pending.items()):
+                if job.generation != assignment.generation:
+                    dropped.append(self._pending.pop(rank))
+            self._order = [r for r in self._order if r in self._pending]
+            for key in [k for k in self._expect if k[2] != assignment.generation and k not in self._restore_keys()]:
+                self._expect.pop(key)
+        for job in dropped:
+            self._skip(job, f"generation {assignment.generation} formed before it was replicated")
+
+    def _restore_keys(self) -> set:
+        c = self._committed
+        return {k for k in self._expect if c is not None and (k[1], k[2]) == (c.step, c.generation)}
+
+    # --- the worker side --------------------------------------------------------------------------------
+    def segment_for(self, rank: int, nbytes: int) -> str:
+        return self.local.ensure(rank, own=True, nbytes=nbytes).name
+
+    def on_sealed(self, rank: int, step: int, generation: int, nbytes: int) -> None:
+        job = _Job(rank, step, generation, nbytes, time.monotonic())
+        with self._cv:
+            current = self._assignment.generation if self._assignment is not None else None
+            if current != generation:
+                stale = job
+            else:
+                stale = self._pending.get(rank)
+                self._pending[rank] = job
+                if rank not in self._order:
+                    self._order.append(rank)
+                self._cv.notify()
+        if stale is not None:
+            self._skip(stale, "a newer snapshot of the rank was sealed first" if stale is not job else f"generation {generation} is not current ({current})")
+
+    def committed_step(self) -> int | None:
+        with self._lock:
+            return self._committed.step if self._committed is not None else None
+
+    def committed(self) -> CommitRecord | None:
+        with self._lock:
+            return self._committed
+
+    def host_memory_bytes(self) -> int:
+        return self.local.memory_bytes()
+
+    def idle(self) -> bool:
+        """No replication queued or in flight (for tests and orderly shutdown)."""
+        with self._lock:
+            return not self._pending and not self._active
+
+    # --- replication ------------------------------------------------------------------------------------
+    def _skip(self, job: _Job, reason: str) -> None:
+        with self._lock:
+            self.stats.skipped += 1
+        log.warning("snapshot of rank %d step %d skipped: %s", job.rank, job.step, reason)
+        events.emit("replica.skipped", rank=job.rank, step=job.step, gen=job.generation, reason=reason)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not any(r not in self._active for r in self._order):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                rank = next(r for r in self._order if r not in self._active)
+                self._order.remove(rank)
+                job = self._pending.pop(rank)
+                self._active.add(rank)
+                assignment, placement = self._assignment, self._placement
+            try:
+                self._replicate(job, assignment, placement)
+            except (ReplicationError, TransportError, StoreError, FencedError) as exc:
+                self._skip(job, str(exc))
+            finally:
+                with self._cv:
+                    self._active.discard(rank)
+                    self._cv.notify_all()
+
+    def _superseded(self, job: _Job) -> str | None:
+        with self._lock:
+            if self._stop:
+                return "the agent is shutting down"
+            if self._assignment is None or self._assignment.generation != job.generation:
+                return "the generation changed"
+            if job.rank in self._pending:
+                return "a newer snapshot of the rank was sealed"
+        if time.monotonic() - job.queued_at > self.settings.replicate_timeout_s:
+            return f"not replicated within {self.settings.replicate_timeout_s:g}s"
+        return None
+
+    def _pace(self, nbytes: int) -> None:
+        if self._bucket is None:
+            return
+        while True:
+            with self._lock:
+                wait = self._bucket.delay(time.monotonic())
+                if wait <= 0:
+                    self._bucket.charge(nbytes, time.monotonic())
+                    return
+            time.sleep(min(wait, 0.5))
+
+    def _replicate(self, job: _Job, assignment, placement: placement_mod.Placement) -> None:
+        if assignment is None or placement is None or assignment.generation != job.generation:
+            raise ReplicationError(f"generation {job.generation} is not current")
+        found = [(s, k) for s, k in self.local.find(job.rank, job.step, job.generation) if s.name == self.local.name(job.rank, True)]
+        if not found:
+            raise ReplicationError(f"rank {job.rank}'s segment no longer holds step {job.step} (overwritten by a newer seal)")
+        seg, slot = found[0]
+        # The data is not re-read here: each receiver checks every chunk against this index as it arrives
+        # (and refuses a corrupt slot), so one pass over the bytes, not two.
+        digest = digest_of(seg.slot_index(slot).crcs)
+        nbytes = seg.slots()[slot].nbytes
+        manifest = ShardManifest(
+            rank=job.rank, step=job.step, generation=job.generation, world_size=assignment.world_size,
+            nbytes=nbytes, checksum=digest, owner=self.node.node_id, holders=(self.node.node_id,),
+        )
+        self.executor.write_manifest(job.generation, manifest)
+        ref = pb.ShardRef(rank=job.rank, step=job.step, shard_generation=job.generation, nbytes=nbytes, world_size=assignment.world_size)
+        for peer in placement.peers(job.rank):
+            why = self._superseded(job)
+            if why:
+                raise ReplicationError(why)
+            entry = assignment.entry(peer)
+            reply = self.client.offer(entry.addr, ref)
+            if not reply.accepted:
+                raise ReplicationError(f"peer {peer} refused the offer: {reply.reason}")
+            self._pace(nbytes)
+            remaining = self.settings.replicate_timeout_s - (time.monotonic() - job.queued_at)
+            if remaining <= 0:
+                raise ReplicationError(f"not replicated within {self.settings.replicate_timeout_s:g}s")
+            sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining)
+            with self._lock:
+                self.stats.sent_bytes += sent
+                self.stats.sent_shards += 1
+            events.emit("replica.sent", rank=job.rank, step=job.step, to=peer, bytes=sent)
+            manifest = manifest.with_holder(peer)
+            self.executor.write_manifest(job.generation, manifest)
+        self._try_commit(job.generation, assignment.world_size, job.step, placement)
+
+    def _try_commit(self, generation: int, world_size: int, step: int, placement: placement_mod.Placement) -> None:
+        decision = self.executor.try_commit(generation, world_size, step, placement.effective, placement.replicas)
+        if decision.action == COMMIT:
+            record = CommitRecord(step, generation, world_size, placement.effective)
+            with self._lock:
+                self.stats.committed += 1
+            events.emit("ckpt.committed", step=step, gen=generation)
+            self._advance_committed(record)
+            self.executor.prune(record)
+
+    # --- commit tracking --------------------------------------------------------------------------------
+    def _on_commit_event(self, event: WatchEvent) -> None:
+        if event.type != "put" or event.key != self.keys.committed:
+            return
+        try:
+            self._advance_committed(CommitRecord.decode(event.value))
+        except ReplicationError as exc:
+            log.warning("ignoring a malformed commit record: %s", exc)
+
+    def _advance_committed(self, record: CommitRecord | None) -> None:
+        if record is None:
+            return
+        with self._lock:
+            if self._committed is not None and record.step <= self._committed.step:
+                return
+            self._committed = record
+            placement, assignment = self._placement, self._assignment
+        self._release_old(record, placement, assignment)
+
+    def _release_old(self, record: CommitRecord, placement, assignment) -> None:
+        """After a newer commit: free replica segments this node no longer needs (not a placement holder
+        of that rank now, and not holding the committed step)."""
+        if placement is None or assignment is None:
+            return
+        mine = set(placement.ranks_held_by(self.node.node_id))
+        owned = set(assignment.ranks_of(self.node.node_id))
+        for held in {(h.rank, h.own) for h in self.local.holdings()}:
+            rank, own = held
+            if (own and rank in owned) or (not own and rank in mine):
+                continue
+            if self.local.find(rank, record.step, record.generation):
+                continue
+            with self._lock:
+                busy = any(k[0] == rank for k in self._expect)
+            if not busy:
+                self.local.drop(rank, own)
+
+    # --- the peer side ----------------------------------------------------------------------------------
+    def peer_view(self) -> tuple[int | None, frozenset[str]]:
+        with self._lock:
+            a = self._assignment
+        if a is None:
+            return None, frozenset()
+        return a.generation, frozenset(a.node_ids)
+
+    def handle_offer(self, sender: Sender, ref) -> tuple[bool, str]:
+        with self._lock:
+            a, p, c = self._assignment, self._placement, self._committed
+        if a is None or p is None or ref.shard_generation != a.generation:
+            return False, f"shard of generation {ref.shard_generation} is not of the current generation"
+        if ref.rank not in p.holders or p.owner(ref.rank) != sender.node_id:
+            return False, f"{sender.node_id} does not own rank {ref.rank} in generation {a.generation}"
+        if self.node.node_id not in p.peers(ref.rank):
+            return False, f"{self.node.node_id} is not a holder of rank {ref.rank} in generation {a.generation}"
+        seg = self.local.ensure(ref.rank, own=False, nbytes=ref.nbytes)
+        self.local.make_room(seg, (c.step, c.generation) if c is not None else None)
+        with self._lock:
+            self._expect[(ref.rank, ref.step, ref.shard_generation)] = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
+        return True, ""
+
+    def _resolve(self, header: SlotHeader):
+        if header.job != self.keys.job:
+            return None
+        key = (header.rank, header.step, header.generation)
+        with self._lock:
+            exp = self._expect.get(key)
+            c = self._committed
+            if exp is None or exp.deadline < time.monotonic():
+                self._expect.pop(key, None)
+                return None
+        seg = self.local.ensure(header.rank, own=False, nbytes=header.nbytes)
+        if c is None or (c.step, c.generation) != (header.step, header.generation):
+            self.local.make_room(seg, (c.step, c.generation) if c is not None else None)
+        return seg
+
+    def _on_received(self, header: SlotHeader, info) -> None:
+        with self._lock:
+            self.stats.received_bytes += header.nbytes
+            exp = self._expect.pop((header.rank, header.step, header.generation), None)
+        if exp is not None:
+            exp.done.set()
+
+    def handle_pull(self, sender: Sender, ref, bulk_addr: str) -> pb.PullReply:
+        with self._lock:
+            a = self._assignment
+        entry = a.entry(sender.node_id) if a is not None else None
+        if entry is None or entry.bulk_addr != bulk_addr:
+            raise PeerRefused("PERMISSION_DENIED", f"{sender.node_id} asked for a transfer to {bulk_addr}, not its own bulk address.")
+        copies = self.local.find(ref.rank, ref.step, ref.shard_generation)
+        if not copies:
+            return pb.PullReply(ok=False, reason=f"{self.node.node_id} holds no copy of rank {ref.rank} step {ref.step}")
+        for seg, slot in copies:
+            try:
+                verify(seg, slot)
+            except ChecksumError as exc:
+                self._report_corrupt(ref.rank, ref.step, self.node.node_id, str(exc))
+                continue
+            sent = send_slot(seg, slot, split_hostport(bulk_addr), self.token, timeout=self.settings.replicate_timeout_s)
+            with self._lock:
+                self.stats.sent_bytes += sent
+            return pb.PullReply(ok=True, nbytes=sent)
+        return pb.PullReply(ok=False, corrupt=True, reason=f"{self.node.node_id}'s copy of rank {ref.rank} step {ref.step} is corrupt")
+
+    def handle_drop(self, sender: Sender, ranks: list[int], below_step: int) -> int:
+        with self._lock:
+            c = self._committed
+        dropped = 0
+        for h in self.local.holdings():
+            if h.own or h.rank not in ranks or h.step >= below_step:
+                continue
+            if c is not None and self.local.find(h.rank, c.step, c.generation):
+                continue
+            self.local.drop(h.rank, own=False)
+            dropped += 1
+        return dropped
+
+    def handle_holdings(self) -> list[pb.Holding]:
+        return [
+            pb.Holding(shard=pb.ShardRef(rank=h.rank, step=h.step, shard_generation=h.generation, nbytes=h.nbytes),
+                       segment=h.name, owner=h.own)
+            for h in self.local.holdings()
+        ]
+
+    def handle_status(self) -> pb.StatusReply:
+        with self._lock:
+            s = self.stats
+            c = self._committed
+            g = self._assignment.generation if self._assignment is not None else 0
+            return pb.StatusReply(
+                node_id=self.node.node_id, generation=g, committed_step=c.step if c is not None else -1,
+                host_memory_bytes=self.local.memory_bytes(), sent_bytes=s.sent_bytes, received_bytes=s.received_bytes,
+                skipped=s.skipped,
+            )
+
+    # --- restore ----------------------------------------------------------------------------------------
+    def _report_corrupt(self, rank: int, step: int, holder: str, detail: str) -> None:
+        with self._lock:
+            self.stats.verify_failed += 1
+        log.warning("copy of rank %d step %d on %s failed verification: %s", rank, step, holder, detail)
+        events.emit("ckpt.verify_failed", rank=rank, step=step, holder=holder, detail=detail)
+
+    def _check_copy(self, seg, slot: int, plan: restore_mod.RestorePlan, holder: str) -> bool:
+        try:
+            digest = verify(seg, slot)
+        except ChecksumError as exc:
+            self._report_corrupt(plan.source_rank, plan.step, holder, str(exc))
+            return False
+        if digest != plan.checksum:
+            self._report_corrupt(plan.source_rank, plan.step, holder, "its digest differs from the shard manifest")
+            return False
+        return True
+
+    def prepare_restore(self, rank: int, assignment) -> RestoreSource | None:
+        """Where ``rank`` restores from in ``assignment``: a local segment holding the committed step
+        (fetched from a peer first when needed). None when no step was ever committed; ReplicationError
+        when a step is committed but no holder could supply a verified copy (fall back to durable)."""
+        committed, _ = read_commit(self.kv, self.keys)
+        if committed is None:
+            return None
+        self._advance_committed(committed)
+        manifests = read_manifests(self.kv, self.keys, committed.generation, committed.step)
+        held = {r for r in manifests if self.local.find(r, committed.step, committed.generation)}
+        plan = restore_mod.plan(rank, assignment.world_size, self.node.node_id, committed, manifests, held, set(assignment.node_ids))
+        if plan is None:
+            raise ReplicationError(
+                f"Step {committed.step} is committed but etcd holds no manifest of the shard rank {rank} needs; "
+                "restore from the durable tier."
+            )
+        t0 = time.monotonic()
+        if plan.local:
+            for seg, slot in self.local.find(plan.source_rank, plan.step, plan.generation):
+                if self._check_copy(seg, slot, plan, self.node.node_id):
+                    return self._source(plan, seg.name, "local", t0)
+        for peer in plan.peers:
+            entry = assignment.entry(peer)
+            try:
+                name = self._pull(plan, peer, entry)
+            except (PeerRefused, ReplicationError, TransportError, StoreError) as exc:
+                log.warning("restore of rank %d from %s failed: %s", rank, peer, exc)
+                continue
+            if name is not None:
+                return self._source(plan, name, f"peer:{peer}", t0)
+        raise ReplicationError(
+            f"No verified copy of rank {plan.source_rank}'s shard of committed step {plan.step} could be fetched "
+            f"(local: {plan.local}, holders tried: {list(plan.peers)}); restore from the durable tier."
+        )
+
+    def _pull(self, plan: restore_mod.RestorePlan, peer: str, entry) -> str | None:
+        key = (plan.source_rank, plan.step, plan.generation)
+        exp = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
+        seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes)
+        with self._lock:
+            self._expect[key] = exp
+        try:
+            ref = pb.ShardRef(rank=plan.source_rank, step=plan.step, shard_generation=plan.generation, nbytes=plan.nbytes,
+                              world_size=plan.world_size)
+            reply = self.client.pull(entry.addr, ref, self.node.bulk_addr, timeout=self.settings.replicate_timeout_s)
+            if not reply.ok:
+                if reply.corrupt:
+                    self._report_corrupt(plan.source_rank, plan.step, peer, reply.reason)
+                raise ReplicationError(reply.reason)
+            if not exp.done.wait(self.settings.rpc_timeout_s):
+                raise ReplicationError(f"{peer} reported the transfer sent but it never arrived")
+        finally:
+            with self._lock:
+                self._expect.pop(key, None)
+        with self._lock:
+            self.stats.restored_bytes += plan.nbytes
+        for s, slot in self.local.find(plan.source_rank, plan.step, plan.generation):
+            if s.name == seg.name and self._check_copy(s, slot, plan, peer):
+                return s.name
+        return None
+
+    def _source(self, plan: restore_mod.RestorePlan, segment: str, origin: str, t0: float) -> RestoreSource:
+        events.emit("restore.plan", rank=plan.rank, step=plan.step, origin=origin, source_rank=plan.source_rank,
+                    seconds=round(time.monotonic() - t0, 6))
+        return RestoreSource(step=plan.step, generation=plan.generation, segment=segment, source_rank=plan.source_rank,
+                             origin=origin, world_size=plan.world_size)

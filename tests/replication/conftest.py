@@ -1,0 +1,159 @@
+"""A loopback cluster of ShardManagers ("hosts") against a real etcd, with real segments in a private shm
+directory, real bulk TCP and real gRPC; fencing is the rendezvous' own ``fenced_txn`` over per-node leases."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import pytest
+import torch
+
+from resilient import events
+from resilient.etcd.client import EtcdKV
+from resilient.etcd.server import free_ports
+from resilient.keys import JobKeys
+from resilient.rendezvous.executor import fenced_txn
+from resilient.rendezvous.model import Assignment, NodeEntry, NodeInfo
+from resilient.replication.manager import ShardManager
+from resilient.store import Segment
+from resilient.testing.etcd import running_etcd, wait_until
+
+TOKEN = b"job-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def etcd_kv():
+    with running_etcd() as server:
+        kv = EtcdKV.connect(server.settings)
+        try:
+            yield kv
+        finally:
+            kv.close()
+
+
+class Fence:
+    """The rendezvous' fencing for one node: its lease and ``fenced_txn``."""
+
+    def __init__(self, kv, keys: JobKeys, node: NodeInfo) -> None:
+        self.kv, self.keys, self.node = kv, keys, node
+        self.lease = kv.lease_grant(120)
+        kv.put(keys.node(node.node_id), node.to_json(), lease=self.lease)
+
+    def fenced_txn(self, generation, compares, success, failure=()):
+        return fenced_txn(self.kv, self.keys, generation, self.node.node_id, self.lease, compares, success, failure)
+
+    def revoke(self) -> None:
+        self.kv.lease_revoke(self.lease)
+
+
+class Cluster:
+    def __init__(self, kv, job: str, n: int, replicas: int, root: str, token: bytes = TOKEN, hosts=None) -> None:
+        self.kv, self.keys, self.replicas, self.root, self.token = kv, JobKeys(job), replicas, root, token
+        self.nodes: list[NodeInfo] = []
+        self.fences: list[Fence] = []
+        self.mgrs: list[ShardManager | None] = []
+        hosts = hosts or [f"host{i}" for i in range(n)]
+        for i in range(n):
+            self.add_node(i, hosts[i])
+        self.assignment: Assignment | None = None
+
+    def shm(self, i: int) -> str:
+        d = os.path.join(self.root, f"node{i}")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def add_node(self, i: int, host: str, **kwargs) -> ShardManager:
+        p1, p2 = free_ports(2)
+        node = NodeInfo(f"n{i}", host, f"127.0.0.1:{p1}", f"127.0.0.1:{p2}", 1, 0)
+        fence = Fence(self.kv, self.keys, node)
+        mgr = ShardManager(self.kv, self.keys, node, replicas=self.replicas, token=kwargs.pop("token", self.token),
+                           rendezvous=fence, shm_dir=self.shm(i), **kwargs)
+        mgr.start()
+        if i < len(self.nodes):
+            self.nodes[i], self.fences[i], self.mgrs[i] = node, fence, mgr
+        else:
+            self.nodes.append(node)
+            self.fences.append(fence)
+            self.mgrs.append(mgr)
+        return mgr
+
+    def form(self, generation: int, members: list[int]) -> Assignment:
+        """Generation ``generation`` of ``members`` (one rank each, in order), published and announced."""
+        entries = tuple(
+            NodeEntry(self.nodes[i].node_id, self.nodes[i].host, self.nodes[i].addr, self.nodes[i].bulk_addr, k, (k,))
+            for k, i in enumerate(members)
+        )
+        a = Assignment(generation, len(members), entries, "127.0.0.1", 1, time.time())
+        self.kv.put(self.keys.gen(generation), a.to_json())
+        for i in members:
+            self.mgrs[i].on_generation(a)
+        self.assignment = a
+        return a
+
+    def seal(self, i: int, rank: int, step: int, tensor: torch.Tensor) -> None:
+        """What a worker does: write its state into the agent's segment, seal, tell the agent."""
+        mgr = self.mgrs[i]
+        nbytes = tensor.numel() * tensor.element_size() + 4096
+        seg = Segment.open(mgr.segment_for(rank, nbytes), self.shm(i))
+        try:
+            seg.write({"w": tensor}, step=step, generation=self.assignment.generation, meta=f"rank{rank}".encode())
+            seg.seal()
+        finally:
+            seg.close()
+        mgr.on_sealed(rank, step, self.assignment.generation, nbytes)
+
+    def kill(self, i: int) -> None:
+        """The host dies: its agent stops, its shared memory is gone, its lease is revoked."""
+        self.mgrs[i].close(unlink=True)
+        shutil.rmtree(self.shm(i), ignore_errors=True)
+        self.fences[i].revoke()
+
+    def wait_committed(self, step: int, members: list[int], timeout: float = 30.0) -> None:
+        wait_until(lambda: all(self.mgrs[i].committed_step() == step for i in members), timeout, f"commit of step {step}")
+
+    def wait_idle(self, members: list[int], timeout: float = 30.0) -> None:
+        wait_until(lambda: all(self.mgrs[i].idle() for i in members), timeout, "replication to finish")
+
+    def close(self) -> None:
+        for m in self.mgrs:
+            if m is not None:
+                m.close(unlink=True)
+        for f in self.fences:
+            try:
+                f.revoke()
+            except Exception as exc:  # noqa: BLE001 - a lease already gone is fine at teardown
+                print(f"lease revoke at teardown: {exc}")
+
+
+@pytest.fixture
+def shm_root():
+    root = tempfile.mkdtemp(prefix="rsl-repl-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def event_log(tmp_path):
+    path = str(tmp_path / "events.jsonl")
+    events.open_log(path)
+    yield path
+    events.open_log(None)
+
+
+@pytest.fixture
+def make_cluster(etcd_kv, shm_root, request):
+    made = []
+    counter = [0]
+
+    def make(n: int = 3, replicas: int = 2, hosts=None) -> Cluster:
+        counter[0] += 1
+        c = Cluster(etcd_kv, f"{request.node.name[:40]}-{counter[0]}", n, replicas, shm_root, hosts=hosts)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
