@@ -36,6 +36,7 @@ from resilient.runtime.api import WorkerAssignment, WorkerRuntime
 log = logs.get_logger(__name__)
 
 STATE_NAME = "_state"  # ctx.state in the snapshot
+FINAL_SNAPSHOT_COMMIT_WAIT_S = 30.0  # the final snapshot waits this long for the previous one to commit
 RNG_PREFIX = "_rng"
 
 
@@ -80,6 +81,7 @@ class Context:
         self._stopped = False  # the loop ended early on a stop request (preemption)
         self._completed = 0 if self._source is None else self._source.step
         self._last_snapshot: int | None = None if self._source is None else self._source.step
+        self._skipped_snapshots = 0
 
     # --- who and where ------------------------------------------------------------------------------
     @property
@@ -284,12 +286,21 @@ class Context:
             self._recovery = None
 
     # --- snapshots --------------------------------------------------------------------------------------
-    def snapshot(self) -> int | None:
+    def snapshot(self, *, wait_commit: float = 0.0) -> int | None:
         """Snapshot the protected state now (state after ``completed_steps`` steps); returns the step count,
-        or None where snapshots are off (plain torchrun)."""
+        or None where snapshots are off (plain torchrun) or skipped.
+
+        A snapshot is skipped (event ``snapshot.skipped``) rather than overwrite the only local copy of the
+        committed step while the previous snapshot is still being replicated; ``wait_commit`` seconds are
+        spent waiting for that commit first (used for the final snapshot)."""
         if not getattr(self._runtime, "keeps_snapshots", True):
             return None
         step = self._completed
+        if not self._writer.wait_until_safe(wait_commit):
+            self._skipped_snapshots += 1
+            events.emit("snapshot.skipped", step=step, reason="previous snapshot not committed yet",
+                        committed=self._runtime.committed_step())
+            return None
         for obj in self._objects.values():
             if isinstance(obj, ElasticSampler):
                 obj.set_step(step)
@@ -312,7 +323,7 @@ class Context:
 
     def _final_snapshot(self) -> None:
         if self._last_snapshot != self._completed and (self._objects or self._state):
-            self.snapshot()
+            self.snapshot(wait_commit=FINAL_SNAPSHOT_COMMIT_WAIT_S)
 
     def _finish(self) -> dict[str, Any]:
         """After the train function returned: final snapshot, ``train.done`` with the state hash."""

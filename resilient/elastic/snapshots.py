@@ -70,6 +70,32 @@ class SnapshotWriter:
             self._segment = Segment.open(name)
         return self._segment
 
+    def overwrites_committed(self) -> bool:
+        """True when the next write would destroy the only local copy of the committed step.
+
+        A segment has two slots and a write goes to the one not sealed last. When the newest sealed step is
+        not committed yet, the other slot may still hold the committed step: overwriting it would leave this
+        host with no committed copy until the newer step commits. Such a snapshot is skipped instead.
+        """
+        segment = self._segment
+        latest = None if segment is None else segment.latest()
+        if latest is None:
+            return False
+        committed = self._runtime.committed_step()
+        if committed is None or committed >= latest.step:
+            return False
+        target = next(info for info in segment.slots() if info.slot != latest.slot)
+        return target.sealed and target.step == committed
+
+    def wait_until_safe(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the pending commit that makes the next write safe."""
+        deadline = time.monotonic() + timeout
+        while self.overwrites_committed():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def write(self, captured: Captured, *, step: int, generation: int) -> float:
         """Copy ``captured`` into the segment and seal it as ``step``; returns the blocking time in seconds."""
         began = time.perf_counter()
