@@ -1,0 +1,3 @@
+from resilient.chaos.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""Storage faults: flip bytes of a replica held for another host, and fill the persist disk."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psutil
+
+from resilient.chaos.faults.base import Driver, Injection, need_host, param_number
+from resilient.chaos.scenario import Fault, ScenarioError, Topology
+from resilient.errors import ChaosError
+
+
+class CorruptReplica(Driver):
+    """Flip params.nbytes (default 64) bytes in the middle of a segment that the target host's agent maps
+    but none of its workers does (a copy held for another host, not a local snapshot)."""
+
+    name = "corrupt_replica"
+    reactions = ("ckpt.verify_failed",)
+
+    @classmethod
+    def validate(cls, target, params, topology: Topology, where: str) -> None:
+        need_host(target, topology, where)
+        param_number(params, "nbytes", 64, where)
+        if len(topology.hosts) < 2:
+            raise ScenarioError(f"{where}: a replica on another host needs at least two hosts.")
+
+    def inject(self, fault: Fault, cluster: Any) -> Injection:
+        name = fault.target["host"]
+        host = cluster.hosts[name]
+        if not host.running():
+            raise ChaosError(f"Fault {fault.id}: host {name} is not running.")
+        agent = [psutil.Process(host.pid)]
+        worker_procs = [p for p in host.processes() if p.pid != host.pid]
+        agent_segs = cluster.segments_of(name, agent)
+        local = cluster.segments_of(name, worker_procs) if worker_procs else set()
+        candidates = sorted(agent_segs - local)
+        if not candidates:
+            raise ChaosError(f"Fault {fault.id}: host {name}'s agent holds no replica segment for another host "
+                             f"(it maps {sorted(agent_segs)}).")
+        seg = candidates[0]
+        size = os.stat(seg).st_size
+        nbytes = int(fault.params.get("nbytes", 64))
+        start = max(0, size // 2 - nbytes // 2)
+        with open(seg, "r+b") as fh:
+            fh.seek(start)
+            data = bytearray(fh.read(nbytes))
+            for i in range(len(data)):
+                data[i] ^= 0xFF
+            fh.seek(start)
+            fh.write(bytes(data))
+        return Injection(fields={"host": name, "segment": seg, "offset": start, "nbytes": len(data), "size": size})
+
+
+class DiskFull(Driver):
+    """Fill the persist tmpfs (runtime.persist_tmpfs_kb) so only params.leave_kb remain; heal frees it."""
+
+    name = "disk_full"
+    requires = ("root", "tmpfs")
+    reactions = ("persist.failed",)
+
+    @classmethod
+    def validate(cls, target, params, topology: Topology, where: str) -> None:
+        param_number(params, "leave_kb", 0, where)
+
+    def inject(self, fault: Fault, cluster: Any) -> Injection:
+        d = cluster.persist_dir
+        if d is None or not cluster.persist_mounted:
+            raise ChaosError(f"Fault {fault.id}: disk_full needs runtime.persist_every and persist_tmpfs_kb.")
+        filler = d / ".chaos-filler"
+        leave = int(float(fault.params.get("leave_kb", 0)) * 1024)
+        st = os.statvfs(d)
+        free = st.f_bavail * st.f_frsize
+        want = max(0, free - leave)
+        written = 0
+        with open(filler, "wb") as fh:
+            chunk = b"\0" * 65536
+            try:
+                while written < want:
+                    n = fh.write(chunk[: min(len(chunk), want - written)])
+                    written += n
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError:
+                pass  # the disk is full: exactly the state wanted
+        st = os.statvfs(d)
+        return Injection(fields={"dir": str(d), "filled_bytes": written, "free_bytes": st.f_bavail * st.f_frsize},
+                         state=filler)
+
+    def heal(self, fault: Fault, cluster: Any, injection: Injection) -> dict[str, Any] | None:
+        try:
+            os.unlink(injection.state)
+        except FileNotFoundError:
+            pass
+        st = os.statvfs(cluster.persist_dir)
+        return {"free_bytes": st.f_bavail * st.f_frsize}
