@@ -70,3 +70,5 @@ REPLICATION_RATE = "RESILIENT_REPLICATION_RATE"
 SPAWN_MONO = "RESILIENT_SPAWN_MONO"
 # per-job secret that peer agents authenticate with (else derived from the job id)
 JOB_TOKEN = "RESILIENT_JOB_TOKEN"
+# password of --etcd-user (kept out of the command line, where other users could read it)
+ETCD_PASSWORD = "RESILIENT_ETCD_PASSWORD"
