@@ -97,8 +97,14 @@ def elastic(
 
 
 def _device_for(config: ElasticConfig, assignment: WorkerAssignment) -> torch.device:
-    if config.device is not None:
-        return torch.device(config.device)
+    requested = config.device or env.get(env.DEVICE)  # argument > RESILIENT_DEVICE > what the host has
+    if requested is not None:
+        dev = torch.device(requested)
+        if dev.type == "cuda" and dev.index is None:
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{env.DEVICE}={requested!r} asks for CUDA but torch sees no CUDA device.")
+            return torch.device("cuda", assignment.local_rank % torch.cuda.device_count())
+        return dev
     if config.backend != "gloo" and torch.cuda.is_available():
         return torch.device("cuda", assignment.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
