@@ -13,6 +13,7 @@
 | restarts                    | job-wide restart budget state                         | -          |
 | progress/<node>             | last step seen on that node (for `resilient status`)  | node lease |
 | closed                      | the job finished or failed (no new generation)        | -          |
+| closer                      | the node that closes rendezvous rounds                | its lease  |
 """
 
 from __future__ import annotations
@@ -93,3 +94,7 @@ class JobKeys:
     @property
     def closed(self) -> str:
         return f"{self.prefix}closed"
+
+    @property
+    def closer(self) -> str:
+        return f"{self.prefix}closer"

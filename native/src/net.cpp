@@ -39,6 +39,7 @@ int64_t send_file_range(int sock, int file_fd, int64_t offset, int64_t n, double
   int64_t sent = 0;
   off_t off = static_cast<off_t>(offset);
   while (sent < n) {
+    wait_ready(sock, POLLOUT, timeout_s, "sendfile");
     ssize_t r = ::sendfile(sock, file_fd, &off, static_cast<size_t>(std::min(n - sent, kMaxIo)));
     if (r > 0) {
       sent += r;
@@ -59,7 +60,9 @@ int64_t send_file_range(int sock, int file_fd, int64_t offset, int64_t n, double
 int64_t send_buffer(int sock, const uint8_t* p, int64_t n, double timeout_s) {
   int64_t sent = 0;
   while (sent < n) {
-    ssize_t r = ::send(sock, p + sent, static_cast<size_t>(std::min(n - sent, kMaxIo)), MSG_NOSIGNAL);
+    wait_ready(sock, POLLOUT, timeout_s, "send");
+    ssize_t r = ::send(sock, p + sent, static_cast<size_t>(std::min(n - sent, kMaxIo)),
+                       MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r > 0) {
       sent += r;
       continue;
@@ -93,7 +96,8 @@ int64_t recv_checksum(int sock, uint8_t* base, int64_t n,
   size_t ci = 0;
   int64_t got = 0;
   while (got < n) {
-    ssize_t r = ::recv(sock, base + got, static_cast<size_t>(std::min(n - got, kMaxIo)), 0);
+    wait_ready(sock, POLLIN, timeout_s, "recv");  // also bounds blocking sockets by the idle timeout
+    ssize_t r = ::recv(sock, base + got, static_cast<size_t>(std::min(n - got, kMaxIo)), MSG_DONTWAIT);
     if (r == 0) break;  // peer closed
     if (r < 0) {
       if (errno == EINTR) continue;

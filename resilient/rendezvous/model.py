@@ -7,6 +7,7 @@ contiguous rank blocks as ``[start, count]``).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,12 @@ class Assignment:
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Assignment":
+        """Decode a generation record. Every node reads the same record, and an assignment is immutable, so
+        the last few decodings are shared (several agents in one process decode a large one once)."""
+        return _decode_assignment(bytes(raw))
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> "Assignment":
         try:
             d = json.loads(raw)
             nodes = tuple(
@@ -129,3 +136,8 @@ class Assignment:
             return cls(int(d["g"]), int(d["w"]), nodes, str(d["m"][0]), int(d["m"][1]), float(d["t"]))
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise RendezvousError(f"Malformed generation record {raw[:200]!r} in etcd: {exc}.") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_assignment(raw: bytes) -> Assignment:
+    return Assignment._decode(raw)

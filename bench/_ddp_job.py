@@ -1,0 +1,99 @@
+"""The training job the launcher benchmarks run, under torchrun and under resilient-run.
+
+``--mode plain``: an unmodified torchrun DDP script (env:// init); with ``--save-every N`` it torch.saves
+model + optimizer every N steps (rank 0) and resumes from that file when restarted.
+``--mode elastic``: the same model and loop under ``@resilient.elastic`` (in-memory snapshot every step).
+
+Every rank appends ``<step> <CLOCK_MONOTONIC> <pid> <restart> <stall_s>`` to ``<out>/steps-<rank>.txt``
+after each step, so the benchmark can time recovery from outside.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+p = argparse.ArgumentParser()
+p.add_argument("--mode", choices=("plain", "elastic"), required=True)
+p.add_argument("--hidden", type=int, default=256)
+p.add_argument("--layers", type=int, default=2)
+p.add_argument("--batch", type=int, default=16)
+p.add_argument("--steps", type=int, default=60)
+p.add_argument("--sleep", type=float, default=0.0)
+p.add_argument("--save-every", type=int, default=0)
+p.add_argument("--out", required=True)
+args = p.parse_args()
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(args.layers):
+        layers += [torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def record(rank: int, step: int, stall: float) -> None:
+    with open(os.path.join(args.out, f"steps-{rank}.txt"), "a") as fh:
+        fh.write(f"{step} {time.monotonic():.6f} {os.getpid()} {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')} "
+                 f"{stall:.6f}\n")
+
+
+def batch(step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step * 1000 + rank)
+    return torch.randn(args.batch, args.hidden, generator=g)
+
+
+def plain() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    start = 0
+    if args.save_every and os.path.exists(ckpt):
+        state = torch.load(ckpt, weights_only=False)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"] + 1
+    for step in range(start, args.steps):
+        loss = model(batch(step, rank)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        stall = 0.0
+        if args.save_every and (step + 1) % args.save_every == 0 and rank == 0:
+            t0 = time.perf_counter()
+            torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+            stall = time.perf_counter() - t0
+        record(rank, step, stall)
+        time.sleep(args.sleep)
+    dist.destroy_process_group()
+
+
+def elastic() -> None:
+    import resilient
+
+    @resilient.elastic(snapshot_every=1)
+    def train(ctx):
+        model = make_model()
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        ctx.protect(model=model, optimizer=opt)
+        writer = getattr(ctx, "_writer", None)
+        for step in ctx.steps(args.steps):
+            loss = model(batch(step, ctx.rank)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            record(ctx.rank, step, getattr(writer, "last_stall_s", 0.0) or 0.0)
+            time.sleep(args.sleep)
+
+    train()
+
+
+if __name__ == "__main__":
+    plain() if args.mode == "plain" else elastic()

@@ -1,0 +1,270 @@
+"""Worker processes of one node: start (fork from the zygote or plain spawn), reap, signal, stop, dump stacks.
+
+Workers are started in their own process group so that a stop reaches their children too; they die with
+the agent (``PR_SET_PDEATHSIG``, set by ``bootstrap``). Exits are collected with ``waitpid`` (forked
+workers are re-parented to the agent, a child subreaper), so the real exit code or signal is always known.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from resilient import env, events
+from resilient.agent.zygote import ZygoteClient
+from resilient.errors import WorkerError
+from resilient.logs import get_logger
+from resilient.runtime.control import ControlBlock
+
+log = get_logger(__name__)
+
+
+@dataclass
+class WorkerHandle:
+    """One worker process (a slot's current incarnation)."""
+
+    slot: int
+    rank: int
+    generation: int
+    pid: int
+    how: str  # "fork" | "spawn"
+    control: ControlBlock
+    error_file: str
+    stdout_path: str | None
+    stderr_path: str | None
+    started_mono: float
+    popen: subprocess.Popen | None = None
+    registered: bool = False
+    exitcode: int | None = None  # os.waitstatus_to_exitcode: negative for a signal
+    stopping: bool = False  # the agent is stopping it: its exit is not a failure
+    generation_handed_ns: int = field(default_factory=time.monotonic_ns)
+
+    @property
+    def alive(self) -> bool:
+        return self.exitcode is None
+
+    def poll(self) -> int | None:
+        if self.exitcode is not None:
+            return self.exitcode
+        if self.popen is not None:
+            code = self.popen.poll()
+            if code is not None:
+                self.exitcode = code
+            return self.exitcode
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # not our child (should not happen): fall back to existence
+            if _exists(self.pid):
+                return None
+            self.exitcode = -signal.SIGKILL
+            return self.exitcode
+        if pid == 0:
+            return None
+        self.exitcode = os.waitstatus_to_exitcode(status)
+        return self.exitcode
+
+    def signal_group(self, sig: int) -> None:
+        if not self.alive:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Starts and stops this node's workers. ``zygote`` may be None (plain spawn only)."""
+
+    def __init__(self, *, target: str, args: list[str], module: bool, no_python: bool,
+                 zygote: ZygoteClient | None, tee: tuple[bool, bool]) -> None:
+        self._target = target
+        self._args = args
+        self._module = module
+        self._no_python = no_python
+        self._zygote = zygote
+        self._tee = tee
+        self._tailers: list[_Tailer] = []
+        self._logged_choice: str | None = None
+
+    def start(self, *, slot: int, rank: int, generation: int, env_vars: dict[str, str], control: ControlBlock,
+              error_file: str, stdout_path: str | None, stderr_path: str | None) -> WorkerHandle:
+        env_vars = dict(env_vars)
+        env_vars[env.SPAWN_MONO] = repr(time.monotonic())
+        for path in (stdout_path, stderr_path, error_file):
+            if path:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(error_file):
+            os.unlink(error_file)
+        how, pid, popen = self._launch(env_vars, stdout_path, stderr_path)
+        handle = WorkerHandle(slot=slot, rank=rank, generation=generation, pid=pid, how=how, control=control,
+                              error_file=error_file, stdout_path=stdout_path, stderr_path=stderr_path,
+                              started_mono=time.monotonic(), popen=popen)
+        control.set("worker_pid", pid)
+        events.emit("worker.start", rank=rank, local_rank=slot, pid=pid, how=how)
+        log.info("started rank %d (local %d) pid %d by %s", rank, slot, pid, how)
+        for stream, path, on in (("stdout", stdout_path, self._tee[0]), ("stderr", stderr_path, self._tee[1])):
+            if on and path:
+                self._tailers.append(_Tailer(path, f"[{rank}]:", sys.stdout if stream == "stdout" else sys.stderr))
+        return handle
+
+    def _launch(self, env_vars: dict[str, str], stdout_path: str | None,
+                stderr_path: str | None) -> tuple[str, int, subprocess.Popen | None]:
+        choice_reason = None
+        if self._no_python:
+            choice_reason = "--no-python: the target is not a Python script"
+        elif self._zygote is None:
+            choice_reason = "the zygote is off (--no-zygote)"
+        elif not self._zygote.usable():
+            choice_reason = f"forking is unsafe or unavailable: {self._zygote.why}"
+        if choice_reason is None:
+            try:
+                pid = self._zygote.fork(target=self._target, args=self._args, module=self._module, env=env_vars,
+                                        cwd=os.getcwd(), stdout=stdout_path, stderr=stderr_path)
+                self._log_choice("fork", "workers are forked from the warm zygote (torch already imported)")
+                return "fork", pid, None
+            except WorkerError as exc:
+                choice_reason = str(exc)
+        self._log_choice("spawn", f"workers are started with a plain spawn: {choice_reason}")
+        if self._no_python:
+            cmd = [self._target, *self._args]
+        else:
+            cmd = [sys.executable, "-u", "-m", "resilient.agent.bootstrap", "--agent-pid", str(os.getpid())]
+            cmd += (["-m"] if self._module else []) + ["--", self._target, *self._args]
+        out = open(stdout_path, "ab") if stdout_path else None
+        err = open(stderr_path, "ab") if stderr_path else None
+        try:
+            popen = subprocess.Popen(cmd, env=env_vars, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                     process_group=0)
+        except OSError as exc:
+            raise WorkerError(f"could not start worker {cmd[0]!r}: {exc}") from exc
+        finally:
+            for f in (out, err):
+                if f is not None:
+                    f.close()
+        return "spawn", popen.pid, popen
+
+    def _log_choice(self, how: str, message: str) -> None:
+        if self._logged_choice != message:
+            (log.info if how == "fork" else log.warning)(message)
+            self._logged_choice = message
+
+    def stop(self, handles: list[WorkerHandle], grace: float) -> None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL whatever is left; reaps every handle."""
+        live = [h for h in handles if h.poll() is None]
+        for h in live:
+            h.stopping = True
+            h.signal_group(signal.SIGCONT)
+            h.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(h.poll() is None for h in live) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for h in live:
+            if h.poll() is None:
+                log.warning("rank %d pid %d ignored SIGTERM for %.1fs: SIGKILL", h.rank, h.pid, grace)
+                h.signal_group(signal.SIGKILL)
+        for h in live:
+            while h.poll() is None:
+                time.sleep(0.005)
+
+    def kill(self, handle: WorkerHandle) -> None:
+        handle.signal_group(signal.SIGKILL)
+        handle.signal_group(signal.SIGCONT)
+
+    def dump_stacks(self, handle: WorkerHandle, wait: float = 1.0) -> str:
+        """Write the worker's Python stacks to the log (py-spy when installed, else faulthandler via SIGUSR1)."""
+        pyspy = shutil.which("py-spy")
+        if pyspy:
+            try:
+                out = subprocess.run([pyspy, "dump", "--pid", str(handle.pid)], capture_output=True, text=True,
+                                     timeout=max(wait, 5.0))
+                if out.returncode == 0 and out.stdout:
+                    log.error("stacks of hung rank %d (pid %d, py-spy):\n%s", handle.rank, handle.pid, out.stdout)
+                    return out.stdout
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("py-spy could not dump pid %d: %s; falling back to faulthandler", handle.pid, exc)
+        where = handle.stderr_path or "the console"
+        log.error("dumping the Python stacks of hung rank %d (pid %d) to %s (faulthandler, SIGUSR1)",
+                  handle.rank, handle.pid, where)
+        try:
+            os.kill(handle.pid, signal.SIGUSR1)
+            os.kill(handle.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return ""
+        time.sleep(wait)  # the dump is written asynchronously by the worker's signal handler
+        return where
+
+    def close(self) -> None:
+        for t in self._tailers:
+            t.stop()
+        self._tailers.clear()
+
+
+class _Tailer:
+    """Copies a worker's log file to the console with a rank prefix (``--tee``)."""
+
+    def __init__(self, path: str, prefix: str, out) -> None:
+        self._path = path
+        self._prefix = prefix
+        self._out = out
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tee{prefix}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pos = os.path.getsize(self._path) if os.path.exists(self._path) else 0
+        pending = ""
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                with open(self._path, encoding="utf-8", errors="replace") as fh:
+                    fh.seek(pos)
+                    data = fh.read()
+                    pos = fh.tell()
+            except FileNotFoundError:
+                data = ""
+            if data:
+                pending += data
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    self._out.write(f"{self._prefix} {line}\n")
+                self._out.flush()
+            if stopping:
+                if pending:
+                    self._out.write(f"{self._prefix} {pending}\n")
+                return
+            self._stop.wait(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)

@@ -1,0 +1,159 @@
+"""``resilient status --rdzv-endpoint HOST:PORT[,...] --rdzv-id JOB [--json]``: what etcd says about a job.
+
+Prints the current generation (world size, when it formed), each member with its group rank, ranks,
+agent address, last step seen (``progress/<node>``) and how old that report is, how long its lease has
+left (a live agent keeps it near the TTL; a low value means missed keep-alives), nodes waiting to join,
+the committed checkpoint step, the restart count and whether the job is closed. ``read_status`` gathers
+it as a dict (also what ``--json`` prints); ``format_status`` renders the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+from resilient import env
+from resilient.config import EtcdSettings
+from resilient.errors import ResilientError
+from resilient.etcd.api import Get, KVStore
+from resilient.keys import JobKeys
+from resilient.rendezvous.budget import BudgetRecord
+from resilient.rendezvous.model import Assignment, NodeInfo
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def read_status(kv: KVStore, job: str, now: float | None = None) -> dict[str, Any]:
+    """Everything ``status`` shows, read at one etcd revision (plus one lease query per node)."""
+    keys = JobKeys(job)
+    now = time.time() if now is None else now
+    r = kv.txn(
+        [],
+        [
+            Get(keys.rdzv),
+            Get(keys.nodes_prefix, prefix=True),
+            Get(keys.progress_prefix, prefix=True),
+            Get(keys.waiting_prefix, prefix=True),
+            Get(keys.committed),
+            Get(keys.restarts),
+            Get(keys.closed),
+            Get(keys.closer),
+        ],
+    )
+    rdzv, nodes, progress, waiting, committed, restarts, closed, closer = r.responses
+    generation = int(_json(rdzv[0].value)["g"]) if rdzv else 0
+    formed_rev = rdzv[0].mod_revision if rdzv else 0
+    assignment = None
+    if generation:
+        got = kv.get(keys.gen(generation))
+        assignment = Assignment.from_json(got.value) if got is not None else None
+    alive = {kv_.key[len(keys.nodes_prefix):]: kv_ for kv_ in nodes}
+    steps = {kv_.key[len(keys.progress_prefix):]: _json(kv_.value) for kv_ in progress}
+
+    def node_row(node_id: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"node": node_id, "alive": node_id in alive}
+        if node_id in alive:
+            try:
+                row["addr"] = NodeInfo.from_json(alive[node_id].value).addr
+            except ResilientError:
+                row["addr"] = None
+            row["lease_left_s"] = kv.lease_ttl(alive[node_id].lease) if alive[node_id].lease else None
+        p = steps.get(node_id)
+        if isinstance(p, dict):
+            row["step"] = p.get("step")
+            row["progress_age_s"] = round(now - float(p.get("t", now)), 3)
+        return row
+
+    members = []
+    if assignment is not None:
+        for e in assignment.nodes:
+            row = node_row(e.node_id)
+            row.update(group_rank=e.group_rank, ranks=list(e.ranks))
+            members.append(row)
+    placed = set(assignment.node_ids) if assignment else set()
+    others = sorted(n for n in alive if n not in placed)
+    asking = sorted(kv_.key[len(keys.waiting_prefix):] for kv_ in waiting if kv_.mod_revision > formed_rev)
+    budget = BudgetRecord.from_json(restarts[0].value) if restarts else BudgetRecord()
+    return {
+        "job": job,
+        "generation": generation,
+        "world_size": assignment.world_size if assignment else 0,
+        "formed_at": assignment.created_at if assignment else None,
+        "master": f"{assignment.master_addr}:{assignment.master_port}" if assignment else None,
+        "members": members,
+        "other_nodes": [node_row(n) for n in others],
+        "waiting": asking,
+        "closer": closer[0].value.decode() if closer else None,
+        "committed": _json(committed[0].value) if committed else None,
+        "restarts": budget.total,
+        "closed": _json(closed[0].value) if closed else None,
+    }
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    return "-" if v is None else f"{v}{unit}"
+
+
+def format_status(s: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"job {s['job']}"]
+    if s["closed"] is not None:
+        lines.append(f"  CLOSED: {s['closed']}")
+    if not s["generation"]:
+        lines.append("  no generation has formed yet")
+    else:
+        age = now - s["formed_at"]
+        lines.append(
+            f"  generation {s['generation']}: world size {s['world_size']}, {len(s['members'])} nodes, "
+            f"formed {age:.1f}s ago, process-group store {s['master']}"
+        )
+    committed = s["committed"]
+    step = committed.get("step") if isinstance(committed, dict) else committed
+    lines.append(f"  committed step: {_fmt(step)}    restarts: {s['restarts']}    closer: {_fmt(s['closer'])}")
+    header = f"  {'node':<16} {'grp':>3} {'ranks':<16} {'alive':<5} {'lease left':>10} {'step':>8} {'reported':>9}  addr"
+    rows = s["members"] + s["other_nodes"]
+    if rows:
+        lines.append(header)
+    for row in rows:
+        ranks = row.get("ranks")
+        rtxt = "-" if ranks is None else (f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]))
+        lines.append(
+            f"  {row['node']:<16} {_fmt(row.get('group_rank')):>3} {rtxt:<16} {'yes' if row['alive'] else 'NO':<5} "
+            f"{_fmt(row.get('lease_left_s'), 's'):>10} {_fmt(row.get('step')):>8} "
+            f"{_fmt(row.get('progress_age_s'), 's'):>9}  {_fmt(row.get('addr'))}"
+        )
+    if s["waiting"]:
+        lines.append(f"  waiting to join: {', '.join(s['waiting'])}")
+    return "\n".join(lines)
+
+
+def status_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="resilient status", description=__doc__.splitlines()[0])
+    parser.add_argument("--rdzv-endpoint", default=env.get(env.ETCD_ENDPOINTS), help="etcd host:port[,host:port...]")
+    parser.add_argument("--rdzv-id", required=True, help="the job id")
+    parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not args.rdzv_endpoint:
+        parser.error(f"--rdzv-endpoint is required (or set {env.ETCD_ENDPOINTS})")
+    from resilient.etcd.client import EtcdKV
+
+    try:
+        with EtcdKV.connect(EtcdSettings.parse(args.rdzv_endpoint)) as kv:
+            s = read_status(kv, args.rdzv_id)
+    except ResilientError as exc:
+        print(f"resilient status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(s) if args.json else format_status(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(status_main())

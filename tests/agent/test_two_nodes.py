@@ -1,0 +1,40 @@
+"""Two nodes as two ``resilient-run`` agents against one etcd on loopback: a node joins a running job
+(scale-up), then a node is lost with its workers (SIGKILL of the agent); the job goes on and completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+from tests.agent.conftest import SCRIPTS, step_done
+
+ELASTIC = str(SCRIPTS / "elastic_train.py")
+
+
+def test_scale_up_then_node_loss(launch, etcd_server, tmp_path):
+    job = f"two-{uuid.uuid4().hex[:8]}"
+    common = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_server.endpoints[0],
+              "--rdzv-id", job, "--lease-ttl", "2", "--last-call", "0.5"]
+    args = [ELASTIC, "--steps", "120", "--sleep", "0.1", "--out", str(tmp_path)]
+    a = launch([*common, "--node-id", "node-a", *args], name="a")
+    a.wait_event(step_done(at_least=3, world_size=1), 120, "node a training alone")
+
+    b = launch([*common, "--node-id", "node-b", *args], name="b")
+    a.wait_event(step_done(at_least=0, world_size=2), 120, "world size 2 on node a")
+    b.wait_event(step_done(at_least=0, world_size=2), 60, "world size 2 on node b")
+    grown = [e for e in a.events("gen.formed") if "in_process" in e and e["world_size"] == 2]
+    assert grown and grown[0]["in_process"] == [0], "node a's worker joins the bigger world in-process"
+    first_b = min(e["step"] for e in b.events("step.done"))
+    assert first_b > 0, "the joining node restores the committed step instead of starting over"
+
+    b.wait_event(step_done(at_least=first_b + 3), 60, "node b training")
+    os.killpg(b.proc.pid, signal.SIGKILL)  # the agent; its workers die with it (PDEATHSIG)
+    b.proc.wait(10)
+    shrunk = a.wait_event(lambda e: e["kind"] == "gen.formed" and "in_process" in e and e["world_size"] == 1
+                          and e["gen"] > grown[0]["gen"], 60, "a generation without node b")
+    assert shrunk["in_process"] == [0]
+    assert a.wait(240) == 0, a.output()
+    world, _gen, step, _digest, _restored = (tmp_path / "done-0").read_text().split()
+    assert (world, step) == ("1", "119")
+    assert len([e for e in a.events("worker.start")]) == 1, "node a never restarted its worker"

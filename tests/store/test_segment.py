@@ -1,0 +1,187 @@
+"""Segment API: round trips, both slots, read_into, errors naming what is wrong, corruption reports."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from resilient.errors import ChecksumError, StateError, StoreError, StoreSpaceError
+from resilient.store import Segment, list_segments
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+          torch.int32, torch.int64, torch.bool, torch.complex64]
+
+
+def sample(dtype: torch.dtype, shape=(33, 17)) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype)
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, dtype=dtype)
+
+
+@pytest.fixture
+def seg(shm_dir, engine):
+    s = Segment.create("unit", 8 << 20, job="job-a", rank=2, shm_dir=shm_dir, chunk_size=64 << 10)
+    yield s
+    s.close()
+    s.unlink()
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k  # bit-exact
+
+
+def test_round_trip_every_dtype_and_empty_tensors(seg):
+    tensors = {f"t_{str(d).split('.')[-1]}": sample(d) for d in DTYPES}
+    tensors["empty"] = torch.empty(0, 4)
+    tensors["scalar"] = torch.tensor(3.5)
+    seg.write(tensors, step=11, generation=2, meta=b"\x00opaque\xff")
+    info = seg.seal()
+    assert info.sealed and info.step == 11 and info.generation == 2
+    snap = seg.read()
+    assert (snap.step, snap.generation, snap.meta) == (11, 2, b"\x00opaque\xff")
+    assert_same(snap.tensors, tensors)
+
+
+def test_many_small_tensors(seg):
+    tensors = {f"p{i}": torch.full((i % 7 + 1,), float(i)) for i in range(3000)}
+    seg.write(tensors, step=1, generation=0)
+    seg.seal()
+    assert_same(seg.read().tensors, tensors)
+
+
+def test_two_slots_alternate_and_read_by_step(seg):
+    assert seg.latest() is None
+    with pytest.raises(StoreError, match="no sealed snapshot"):
+        seg.read()
+    for step in (1, 2, 3):
+        seg.write({"w": torch.full((1000,), float(step))}, step=step, generation=0)
+        seg.seal()
+    assert seg.latest().step == 3
+    assert sorted(i.step for i in seg.slots() if i.sealed) == [2, 3]
+    assert seg.read(step=2).tensors["w"][0].item() == 2.0
+    with pytest.raises(StoreError, match="no sealed snapshot of step 1"):
+        seg.read(step=1)
+
+
+def test_unsealed_write_does_not_replace_latest(seg):
+    seg.write({"w": torch.ones(10)}, step=1, generation=0)
+    seg.seal()
+    seg.write({"w": torch.zeros(10)}, step=2, generation=0)
+    assert seg.latest().step == 1
+    assert seg.read().tensors["w"].sum().item() == 10
+    seg.seal()
+    assert seg.read().step == 2
+
+
+def test_seal_without_write_is_refused(seg):
+    with pytest.raises(StoreError, match="call write"):
+        seg.seal()
+
+
+def test_open_from_another_mapping_sees_the_same_snapshot(seg, shm_dir):
+    seg.write({"w": torch.arange(100)}, step=5, generation=1, meta=b"m")
+    seg.seal()
+    other = Segment.open("unit", shm_dir=shm_dir)
+    try:
+        assert (other.job, other.rank, other.capacity) == ("job-a", 2, 8 << 20)
+        snap = other.read()
+        assert snap.step == 5 and torch.equal(snap.tensors["w"], torch.arange(100))
+    finally:
+        other.close()
+
+
+def test_read_into_fills_targets(seg):
+    src = {"a": torch.randn(300, 300), "b": torch.arange(5, dtype=torch.bfloat16)}
+    seg.write(src, step=4, generation=0, meta=b"xyz")
+    seg.seal()
+    targets = {"a": torch.empty(300, 300), "b": torch.empty(5, dtype=torch.bfloat16)}
+    snap = seg.read_into(targets)
+    assert snap.meta == b"xyz" and snap.tensors["a"] is targets["a"]
+    assert_same(targets, src)
+    with pytest.raises(StateError, match="holds no tensor 'zzz'"):
+        seg.read_into({"zzz": torch.empty(1)})
+    with pytest.raises(StateError, match="float64"):
+        seg.read_into({"a": torch.empty(300, 300, dtype=torch.float64)})
+
+
+def test_non_contiguous_tensor_is_refused_by_name(seg):
+    with pytest.raises(StateError, match="'weight.T'.*not contiguous"):
+        seg.write({"ok": torch.ones(3), "weight.T": torch.ones(4, 5).t()}, step=1, generation=0)
+
+
+def test_snapshot_larger_than_a_slot_is_refused(seg):
+    with pytest.raises(StoreSpaceError, match=r"needs \d+ bytes.*holds 8388608 bytes per slot"):
+        seg.write({"huge": torch.empty(3 << 20)}, step=1, generation=0)
+
+
+def test_flipped_byte_is_reported_with_tensor_and_chunk(seg):
+    seg.write({"first": torch.zeros(1000), "weights": torch.randn(100_000)}, step=9, generation=0)
+    info = seg.seal()
+    spec = next(t for t in seg.slot_index(info.slot).tensors if t.name == "weights")
+    where = spec.offset + 2 * (64 << 10) + 123  # inside chunk 2 of "weights"
+    buf = seg.slot_buffer(info.slot)
+    buf[where] ^= 0x40
+    del buf
+    with pytest.raises(ChecksumError, match=r"tensor 'weights' chunk 2 ") as exc:
+        seg.read()
+    assert (exc.value.tensor, exc.value.chunk) == ("weights", 2)
+    with pytest.raises(ChecksumError, match="'weights' chunk 2"):
+        seg.read_into({"weights": torch.empty(100_000)})
+    assert seg.read(verify=False).step == 9  # unverified reads still work
+
+
+def test_corrupt_index_is_reported(seg):
+    seg.write({"w": torch.ones(10)}, step=1, generation=0)
+    info = seg.seal()
+    off = seg._header.index_offset(info.slot) + 6
+    seg._mm[off] ^= 0x01
+    with pytest.raises(ChecksumError, match="tensor index fails its checksum"):
+        seg.read()
+
+
+def test_create_twice_and_open_missing(shm_dir, engine):
+    s = Segment.create("dup", 1 << 16, job="j", rank=0, shm_dir=shm_dir)
+    try:
+        with pytest.raises(StoreError, match="already exists"):
+            Segment.create("dup", 1 << 16, job="j", rank=0, shm_dir=shm_dir)
+    finally:
+        s.close()
+        s.unlink()
+    with pytest.raises(StoreError, match="No segment 'nope'"):
+        Segment.open("nope", shm_dir=shm_dir)
+    with pytest.raises(StoreError, match="invalid"):
+        Segment.create("a/b", 1 << 16, job="j", rank=0, shm_dir=shm_dir)
+
+
+def test_files_are_named_and_listed(shm_dir, engine):
+    s = Segment.create("job-x-r0", 1 << 16, job="job-x", rank=0, shm_dir=shm_dir)
+    try:
+        assert os.path.exists(os.path.join(shm_dir, "resilient-job-x-r0"))
+        infos = list_segments("job-x", shm_dir=shm_dir)
+        assert [(i.name, i.rank, i.owner_pid, i.owner_alive) for i in infos] == [("job-x-r0", 0, os.getpid(), True)]
+        assert list_segments("other", shm_dir=shm_dir) == []
+    finally:
+        s.close()
+        s.unlink()
+
+
+def test_close_refuses_while_a_view_is_held(seg):
+    seg.write({"w": torch.ones(10)}, step=1, generation=0)
+    info = seg.seal()
+    view = seg.slot_buffer(info.slot)
+    with pytest.raises(StoreError, match="still referenced"):
+        seg.close()
+    assert bytes(view[:4]) == torch.ones(1).numpy().tobytes()
+    del view
+    seg.close()
+    assert seg.closed
