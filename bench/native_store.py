@@ -7,7 +7,7 @@
 One JSON line per measurement: {"op", "bytes", "gbps", "ceiling_gbps", "ratio"}, where
   write    = Segment.write + seal (copy + CRC32C per chunk)       vs torch dst.copy_(src), same bytes
   read     = Segment.read_into(verify=True) into existing tensors vs torch dst.copy_(src)
-  transfer = send_slot -> BulkReceiver between two processes over loopback (sendfile, receive straight
+  transfer = send_slot -> BulkReceiver between two processes over loopback (large writes, receive straight
              into the peer segment, verify) vs a plain C++ send()/recv() blast of the same bytes
   d2h      = CUDA tensor -> registered segment (native, side stream) vs torch copy into pinned memory
   gpu_write= Segment.write + seal of a CUDA tensor (D2H + GPU CRC; the caller's stall) vs the same ceiling
@@ -258,7 +258,7 @@ def main() -> None:
     if args._send:
         sender_main(args)
         return
-    sizes = args.sizes or [64 * MB, 256 * MB, 1024 * MB] + ([4096 * MB] if args.big else [])
+    sizes = sorted(set(args.sizes)) if args.sizes else [64 * MB, 256 * MB, 1024 * MB] + ([4096 * MB] if args.big else [])
     if not is_native():
         print(json.dumps({"warning": "resilient._native is not in use; measuring the pure-Python twin"}), flush=True)
     shm_dir = tempfile.mkdtemp(prefix="resilient-bench-", dir=args.shm_dir or "/dev/shm")

@@ -483,13 +483,10 @@ class GenerationWatch:
             self._fired = reason
         log.info("generation %d is over: %s", self.assignment.generation, reason)
         events.emit("rdzv.round", reason=reason, gen=self.assignment.generation)
-        threading.Thread(target=self._dispatch, args=(reason,), name="rdzv-new-round", daemon=True).start()
-
-    def _dispatch(self, reason: str) -> None:
-        try:
-            self.on_new_round(reason)
-        finally:
-            self.cancel()
+        # stop receiving events at once (the next round's writes would otherwise reach every member still
+        # watching), and call back without waiting for that: two threads, never the watch's own
+        threading.Thread(target=self.cancel, name="rdzv-unwatch", daemon=True).start()
+        threading.Thread(target=self.on_new_round, args=(reason,), name="rdzv-new-round", daemon=True).start()
 
     def cancel(self) -> None:
         with self._lock:

@@ -124,7 +124,9 @@ class Rendezvous:
         try:
             kvs, _ = self.kv.get_prefix(self.keys.waiting_prefix)
             present = sorted(kv.key[len(self.keys.waiting_prefix):] for kv in kvs)
-            who = ", ".join(present) if present else "none"
+            who = ", ".join(present[:20]) if present else "none"
+            if len(present) > 20:
+                who += f" and {len(present) - 20} more ({len(present)} in all)"
         except EtcdError as exc:
             who = f"unknown (etcd: {exc})"
         return RendezvousTimeoutError(

@@ -94,17 +94,18 @@ class Assignment:
     master_port: int
     created_at: float  # wall-clock time the generation closed
 
+    @functools.cached_property
+    def _by_id(self) -> dict[str, NodeEntry]:
+        return {e.node_id: e for e in self.nodes}
+
     def entry(self, node_id: str) -> NodeEntry | None:
-        for e in self.nodes:
-            if e.node_id == node_id:
-                return e
-        return None
+        return self._by_id.get(node_id)
 
     def ranks_of(self, node_id: str) -> tuple[int, ...]:
         e = self.entry(node_id)
         return e.ranks if e is not None else ()
 
-    @property
+    @functools.cached_property
     def node_ids(self) -> tuple[str, ...]:
         return tuple(e.node_id for e in self.nodes)
 

@@ -233,15 +233,14 @@ def member_trigger(keys: JobKeys, assignment: Assignment, max_nodes: int, event:
     job is below MAX, or a member starting over); ``superseded:<g>`` a newer generation exists;
     ``closed`` the job was closed.
     """
-    members = assignment.node_ids
     node = _node_under(event.key, keys.nodes_prefix)
     if node is not None:
-        return f"node-lost:{node}" if event.type == "delete" and node in members else None
+        return f"node-lost:{node}" if event.type == "delete" and assignment.entry(node) is not None else None
     node = _node_under(event.key, keys.waiting_prefix)
     if node is not None:
         if event.type != "put":
             return None
-        if node in members or len(members) < max_nodes:
+        if assignment.entry(node) is not None or len(assignment.nodes) < max_nodes:
             return f"join:{node}"
         return None
     rest = _node_under(event.key, keys.fault_prefix)

@@ -78,6 +78,16 @@ def test_bad_token_is_refused_before_data(pair, shm_dir):
     assert dst.latest() is None
 
 
+def test_sendfile_path_delivers_bit_exact(pair):
+    src, dst = pair
+    src.write(tensors(8), step=8, generation=0)
+    src.seal()
+    with BulkReceiver("127.0.0.1", 0, TOKEN.encode(), resolver(dst)) as rx:
+        sent = send_slot(src, src.latest().slot, rx.address, TOKEN.encode(), timeout=10, sendfile=True)
+        assert sent > 4_000_000 and rx.errors == []
+    assert torch.equal(dst.read().tensors["w"], tensors(8)["w"])
+
+
 def test_unknown_peer_is_refused(pair):
     src, dst = pair
     src.write(tensors(1), step=1, generation=0)
