@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,10 +77,16 @@ def run_killed(launcher: str, job_args: list[str], *, kill_after: int, timeout: 
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         code = proc.wait(max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        _kill_tree(proc)
+        log.close()
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         _kill_tree(proc)
         log.close()
     if code != 0:
+        shutil.rmtree(out, ignore_errors=True)
         raise RuntimeError(f"{launcher} exited with {code}:\n{(out / 'launcher.log').read_text()[-3000:]}")
     result = {"out": str(out), "t_kill": t_kill, "exit": code}
     next_steps, before = [], []

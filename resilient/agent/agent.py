@@ -343,6 +343,8 @@ class NodeAgent:
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+        # a worker's death wakes the monitor loop at once instead of at its next tick
+        signal.signal(signal.SIGCHLD, lambda _s, _f: self._wake.set())
 
     # --- rounds --------------------------------------------------------------------------------------
     def _watch_cb(self, generation: int):
