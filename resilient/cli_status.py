@@ -1,5 +1,9 @@
 """``resilient status --rdzv-endpoint HOST:PORT[,...] --rdzv-id JOB [--json]``: what etcd says about a job.
 
+etcd TLS and auth take resilient-run's flags (``--etcd-ca``, ``--etcd-cert``/``--etcd-key``,
+``--etcd-user`` with the password in ``$RESILIENT_ETCD_PASSWORD``). Exit status: 0 after printing; 2 for
+bad options, or when etcd cannot be reached or read (the message names the endpoints).
+
 Prints the current generation (world size, when it formed), each member with its group rank, ranks,
 agent address, last step seen (``progress/<node>``) and how old that report is, how long its lease has
 left (a live agent keeps it near the TTL; a low value means missed keep-alives), nodes waiting to join,
@@ -17,7 +21,7 @@ from typing import Any, Sequence
 
 from resilient import env
 from resilient.config import EtcdSettings
-from resilient.errors import ResilientError
+from resilient.errors import EtcdError, ResilientError
 from resilient.etcd.api import Get, KVStore
 from resilient.keys import JobKeys
 from resilient.rendezvous.budget import BudgetRecord
@@ -135,24 +139,71 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
     return "\n".join(lines)
 
 
+EXIT_OK = 0
+EXIT_UNREADABLE = 2  # bad options, or etcd could not be read (as resilient-run and resilient top)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resilient status", description=__doc__.splitlines()[0])
+    p.add_argument("--rdzv-endpoint", default=env.get(env.ETCD_ENDPOINTS),
+                   help=f"etcd host:port[,host:port...] (default ${env.ETCD_ENDPOINTS})")
+    p.add_argument("--rdzv-id", required=True, help="the job id (resilient-run's --rdzv-id)")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for etcd to answer. Default 5.")
+    # the same etcd TLS/auth flags as resilient-run (resilient/agent/cli_args.py)
+    p.add_argument("--etcd-ca", default=None, help="CA certificate for etcd TLS.")
+    p.add_argument("--etcd-cert", default=None, help="client certificate for etcd mTLS.")
+    p.add_argument("--etcd-key", default=None, help="client key for etcd mTLS.")
+    p.add_argument("--etcd-user", default=None, help=f"etcd user (password from ${env.ETCD_PASSWORD}).")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> EtcdSettings:
+    return EtcdSettings.parse(
+        args.rdzv_endpoint,
+        ca_cert=args.etcd_ca,
+        cert_cert=args.etcd_cert,
+        cert_key=args.etcd_key,
+        user=args.etcd_user,
+        password=env.get(env.ETCD_PASSWORD) if args.etcd_user else None,
+        connect_timeout=args.connect_timeout,
+        request_deadline=max(args.connect_timeout, 2.0),
+    )
+
+
 def status_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="resilient status", description=__doc__.splitlines()[0])
-    parser.add_argument("--rdzv-endpoint", default=env.get(env.ETCD_ENDPOINTS), help="etcd host:port[,host:port...]")
-    parser.add_argument("--rdzv-id", required=True, help="the job id")
-    parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    """Exit 0 after printing the status; 2 for bad options or when etcd cannot be read."""
+    parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not args.rdzv_endpoint:
         parser.error(f"--rdzv-endpoint is required (or set {env.ETCD_ENDPOINTS})")
+    if args.connect_timeout <= 0:
+        parser.error(f"--connect-timeout {args.connect_timeout:g} must be > 0")
+    if args.etcd_user and not env.get(env.ETCD_PASSWORD):
+        parser.error(f"--etcd-user needs the password in ${env.ETCD_PASSWORD}")
     from resilient.etcd.client import EtcdKV
 
     try:
-        with EtcdKV.connect(EtcdSettings.parse(args.rdzv_endpoint)) as kv:
-            s = read_status(kv, args.rdzv_id)
+        settings = _settings(args)
     except ResilientError as exc:
         print(f"resilient status: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_UNREADABLE
+    try:
+        with EtcdKV.connect(settings) as kv:
+            s = read_status(kv, args.rdzv_id)
+    except EtcdError as exc:
+        print(
+            f"resilient status: cannot read job {args.rdzv_id!r} from etcd at {', '.join(settings.endpoints)}: "
+            f"{exc}",
+            file=sys.stderr,
+        )
+        return EXIT_UNREADABLE
+    except ResilientError as exc:
+        print(f"resilient status: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
     print(json.dumps(s) if args.json else format_status(s))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ and its watcher cannot resume from a revision. Owning the calls lets this module
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import random
@@ -214,6 +215,7 @@ class EtcdKV(KVStore):
         self._current = 0
         self._lock = threading.RLock()
         self._watches: set[_Watch] = set()
+        self._keepalive: _KeepAliveStream | None = None
         self._closed = False
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -492,24 +494,47 @@ class EtcdKV(KVStore):
         return resp.ID
 
     def lease_keepalive(self, lease_id: int) -> int:
-        req = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
-
-        def refresh(ep: _Endpoint, md: Any, t: float) -> Any:
-            call = self._stub(etcdrpc.LeaseStub, ep).LeaseKeepAlive(iter([req]), timeout=t, metadata=md)
-            try:
-                return next(call)
-            except StopIteration as exc:
-                raise EtcdError(f"etcd at {ep.address} closed the keep-alive stream without an answer.") from exc
-            finally:
-                call.cancel()
-
-        resp = self._call("lease_keepalive", refresh)
+        """See base class. Every refresh of every lease goes over one persistent keep-alive stream of this
+        client (see ``_KeepAliveStream``): a refresh is one message each way instead of a stream set up and
+        torn down. A broken or silent stream is dropped and the refresh retried on a fresh one (the next
+        endpoint after a transient error), like any other idempotent call."""
+        resp = self._refresh_on_open_stream(lease_id)
+        if resp is None:
+            resp = self._call(
+                "lease_keepalive", lambda ep, md, t: self._keepalive_stream(ep, md).refresh(lease_id, t)
+            )
         if resp.TTL <= 0:
             raise LeaseExpiredError(
                 f"etcd lease {lease_id:x} no longer exists (expired or revoked): this node was paused or cut off "
                 "past its TTL and must rejoin with a new lease."
             )
         return resp.TTL
+
+    def _refresh_on_open_stream(self, lease_id: int) -> Any:
+        """The common case, without the retry machinery: one refresh on the open stream to the current
+        endpoint. None when there is no such stream or it failed (the caller then goes through ``_call``,
+        which opens a new one and classifies errors)."""
+        with self._lock:
+            stream = self._keepalive
+            if stream is None or stream.broken or stream.endpoint is not self._endpoints[self._current]:
+                return None
+        try:
+            return stream.refresh(lease_id, self.attempt_timeout)
+        except grpc.RpcError:
+            return None
+
+    def _keepalive_stream(self, ep: _Endpoint, md: Any) -> "_KeepAliveStream":
+        """The open keep-alive stream to ``ep``, opening one (and closing one to another endpoint) if needed."""
+        with self._lock:
+            stream = self._keepalive
+            if stream is not None and stream.endpoint is ep and not stream.broken:
+                return stream
+            channel = self._channel(ep)
+            self._keepalive = _KeepAliveStream(ep, etcdrpc.LeaseStub(channel), md)
+            fresh = self._keepalive
+        if stream is not None:
+            stream.close()
+        return fresh
 
     def lease_revoke(self, lease_id: int) -> None:
         req = etcdrpc.LeaseRevokeRequest(ID=lease_id)
@@ -593,10 +618,140 @@ class EtcdKV(KVStore):
             w.stop()
         with self._lock:
             self._closed = True
+            keepalive, self._keepalive = self._keepalive, None
+            if keepalive is not None:
+                keepalive.close()
             for ep in self._endpoints:
                 if ep.channel is not None:
                     ep.channel.close()
                     ep.channel = None
+
+
+class _StreamError(grpc.RpcError):
+    """A keep-alive stream failure handed to one waiting refresh: shaped like a gRPC error (``code``,
+    ``details``) so ``EtcdKV._call`` classifies and retries it like any other. Each waiter gets its own
+    instance, so no exception object is raised in two threads at once."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self._status = code
+        self._text = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._status
+
+    def details(self) -> str:
+        return self._text
+
+
+class _Pending:
+    """One refresh waiting for its answer on a keep-alive stream."""
+
+    __slots__ = ("done", "response", "failure")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.response: Any = None
+        self.failure: tuple[grpc.StatusCode | None, str] | None = None
+
+
+class _KeepAliveStream:
+    """One bidirectional LeaseKeepAlive stream to one endpoint, shared by every lease of an ``EtcdKV``.
+
+    ``refresh`` queues a request and waits for the answer naming the same lease ID: etcd answers the
+    requests of one stream in order, and the waiters of one lease are served first come, first served. A
+    reader thread routes the answers. When the stream fails (its member dies or loses the leader: the stream
+    is opened with ``hasleader``; a stale token; the client moves to another endpoint; no answer within a
+    refresh's timeout, so a frozen member cannot hold every lease's refreshes), it is marked broken, every
+    waiter gets the error, and the next refresh opens a new stream. A refresh that times out while other
+    answers still arrive (a loaded client or member) fails alone and leaves the stream open.
+    """
+
+    def __init__(self, endpoint: _Endpoint, stub: Any, metadata: Any) -> None:
+        self.endpoint = endpoint
+        self.broken = False
+        self._lock = threading.Lock()
+        self._waiters: dict[int, collections.deque[_Pending]] = {}
+        self._failure: tuple[grpc.StatusCode | None, str] | None = None
+        self._last_answer = float("-inf")  # monotonic time of the last answer read from the stream
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        md = list(metadata or ())
+        md.append(("hasleader", "true"))  # the member ends the stream if it loses the leader
+        self._call = stub.LeaseKeepAlive(self._request_iter(), metadata=tuple(md))
+        self._reader = threading.Thread(target=self._read, name=f"etcd-keepalive:{endpoint.address}", daemon=True)
+        self._reader.start()
+
+    def _request_iter(self) -> Any:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    def refresh(self, lease_id: int, timeout: float) -> Any:
+        """Send one keep-alive for ``lease_id`` and wait up to ``timeout`` for its answer (the
+        ``LeaseKeepAliveResponse``); raises a ``grpc.RpcError`` when the stream fails first."""
+        pending = _Pending()
+        with self._lock:
+            if self._failure is not None:
+                raise _StreamError(*self._failure)
+            self._waiters.setdefault(lease_id, collections.deque()).append(pending)
+        sent = time.monotonic()
+        self._requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
+        if not pending.done.wait(timeout):
+            late = (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"etcd at {self.endpoint.address} did not answer a lease keep-alive within {timeout:.2f}s",
+            )
+            with self._lock:
+                silent = self._last_answer < sent
+                waiting = self._waiters.get(lease_id)
+                if not silent and waiting is not None and pending in waiting:
+                    waiting.remove(pending)  # answers still flow: only this refresh is late; the stream stays
+                    pending.failure = late
+                    pending.done.set()
+            if silent:
+                self.fail(*late)  # nothing came back since this was sent: the member is gone or frozen
+            pending.done.wait()  # set above, by fail(), or by the reader if the answer raced in
+        if pending.failure is not None:
+            raise _StreamError(*pending.failure)
+        return pending.response
+
+    def _read(self) -> None:
+        try:
+            for resp in self._call:
+                with self._lock:
+                    self._last_answer = time.monotonic()
+                    waiting = self._waiters.get(resp.ID)
+                    pending = waiting.popleft() if waiting else None
+                    if waiting is not None and not waiting:
+                        del self._waiters[resp.ID]
+                if pending is not None:
+                    pending.response = resp
+                    pending.done.set()
+            code, details = grpc.StatusCode.UNAVAILABLE, f"etcd at {self.endpoint.address} ended the keep-alive stream"
+        except grpc.RpcError as exc:
+            code, details = _code(exc), _details(exc)
+        self.fail(code, details)
+
+    def fail(self, code: grpc.StatusCode | None, details: str) -> None:
+        """Break the stream (the first reason given is kept): every waiter, now and later, gets it."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = (code, details)
+                self.broken = True
+            failure = self._failure
+            waiters = [p for q in self._waiters.values() for p in q]
+            self._waiters.clear()
+        for p in waiters:
+            p.failure = failure
+            p.done.set()
+        self._requests.put(None)
+        self._call.cancel()
+
+    def close(self) -> None:
+        """Break the stream for good (a waiter still on it retries on the client's current stream)."""
+        self.fail(grpc.StatusCode.UNAVAILABLE, f"keep-alive stream to {self.endpoint.address} closed by the client")
 
 
 class _Watch:

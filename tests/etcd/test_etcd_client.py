@@ -1,5 +1,5 @@
 """EtcdKV against real etcd: unreachable endpoints, retries across a restart, failover in a 3-member
-cluster, TLS with client certificates, and user/password auth."""
+cluster, TLS with client certificates, user/password auth, and the shared lease keep-alive stream."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 
 from resilient.config import EtcdSettings
-from resilient.errors import EtcdAuthError, EtcdUnavailableError
+from resilient.errors import EtcdAuthError, EtcdError, EtcdUnavailableError, LeaseExpiredError
 from resilient.etcd.api import Compare, Put, WatchEvent
 from resilient.etcd.client import EtcdKV
 from resilient.etcd.server import FAST, EmbeddedCluster, EmbeddedEtcd, ServerTLS, find_etcd_binary, free_ports
 from resilient.testing.etcd import running_etcd, wait_until, write_test_certificates
+
+
+def _keepalive_threads(endpoints: tuple[str, ...] | list[str]) -> int:
+    """Live keep-alive stream readers talking to any of ``endpoints``."""
+    names = {f"etcd-keepalive:{ep}" for ep in endpoints}
+    return sum(1 for t in threading.enumerate() if t.name in names)
 
 
 class Recorder:
@@ -62,6 +68,8 @@ def test_requests_and_watch_ride_through_a_server_restart(fresh_etcd: EmbeddedEt
         handle = kv.watch_prefix("/restart/", rec)
         kv.put("/restart/before", b"1")
         wait_until(lambda: rec.keys() == ["/restart/before"], 10, "the first watch event")
+        lease = kv.lease_grant(30)
+        assert kv.lease_keepalive(lease) == 30
         fresh_etcd.kill()
         restarter = threading.Timer(0.5, fresh_etcd.start)
         restarter.start()
@@ -69,6 +77,7 @@ def test_requests_and_watch_ride_through_a_server_restart(fresh_etcd: EmbeddedEt
             kv.put("/restart/after", b"2")  # retried until the server is back (within the deadline)
         finally:
             restarter.join()
+        assert kv.lease_keepalive(lease) == 30  # the broken keep-alive stream is replaced
         kv.put("/restart/later", b"3")
         wait_until(lambda: len(rec.keys()) >= 3, 10, "watch events after the restart")
         handle.cancel()
@@ -88,7 +97,11 @@ def test_failover_when_the_member_in_use_is_killed(etcd_cluster: EmbeddedCluster
         kv.put("/fo/1", b"before")
         wait_until(lambda: rec.keys() == ["/fo/1"], 10, "the first watch event")
 
+        lease = kv.lease_grant(30)
+        assert kv.lease_keepalive(lease) == 30
         etcd_cluster.kill(leader)  # the member this client talks to, and the raft leader
+        assert kv.lease_keepalive(lease) == 30  # a new keep-alive stream on another member
+        wait_until(lambda: _keepalive_threads(etcd_cluster.endpoints) == 1, 10, "the broken keep-alive stream to end")
         kv.put("/fo/2", b"after")
         seen = kv.get("/fo/2")
         assert seen is not None and seen.value == b"after"
@@ -145,6 +158,8 @@ def test_user_password_auth_and_wrong_password(fresh_etcd: EmbeddedEtcd) -> None
     with EtcdKV.connect(good) as kv:
         kv.put("/auth/k", b"v")
         assert kv.get("/auth/k").value == b"v"  # type: ignore[union-attr]
+        lease = kv.lease_grant(30)
+        assert kv.lease_keepalive(lease) == 30
 
     bad = dataclasses.replace(fresh_etcd.settings, user="root", password="wrong")
     with pytest.raises(EtcdAuthError) as info:
@@ -167,8 +182,11 @@ def test_failover_when_the_member_in_use_is_frozen(etcd_cluster: EmbeddedCluster
         handle = kv.watch_prefix("/frozen/", rec)
         kv.put("/frozen/1", b"before")
         wait_until(lambda: rec.keys() == ["/frozen/1"], 10, "the first watch event")
+        lease = kv.lease_grant(30)
+        assert kv.lease_keepalive(lease) == 30
         etcd_cluster.pause(frozen)
         try:
+            assert kv.lease_keepalive(lease) == 30  # the silent stream is dropped after attempt_timeout
             kv.put("/frozen/2", b"during")
             assert kv.current_endpoint != etcd_cluster.endpoint(frozen)
             wait_until(lambda: len(rec.keys()) >= 2, 15, "the watch to move off the frozen member")
@@ -176,3 +194,41 @@ def test_failover_when_the_member_in_use_is_frozen(etcd_cluster: EmbeddedCluster
             etcd_cluster.resume(frozen)
         handle.cancel()
         assert rec.keys() == ["/frozen/1", "/frozen/2"]
+
+
+def test_many_leases_share_one_keepalive_stream(etcd_server: EmbeddedEtcd) -> None:
+    """Concurrent refreshes of many leases from many threads go over one stream, each getting its own
+    lease's answer; a revoked lease is reported expired without disturbing the others."""
+    with EtcdKV.connect(etcd_server.settings) as kv:
+        leases = {kv.lease_grant(ttl): ttl for ttl in range(10, 50)}
+        results: dict[int, list[int]] = {lease: [] for lease in leases}
+        errors: list[BaseException] = []
+
+        def refresher(mine: list[int]) -> None:
+            try:
+                for _ in range(5):
+                    for lease in mine:
+                        results[lease].append(kv.lease_keepalive(lease))
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        ids = list(leases)
+        threads = [threading.Thread(target=refresher, args=(ids[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert all(results[lease] == [ttl] * 5 for lease, ttl in leases.items())
+        assert _keepalive_threads(etcd_server.endpoints) == 1
+
+        gone = ids[0]
+        kv.lease_revoke(gone)
+        with pytest.raises(LeaseExpiredError) as info:
+            kv.lease_keepalive(gone)
+        assert f"{gone:x}" in str(info.value)
+        assert kv.lease_keepalive(ids[1]) == leases[ids[1]]
+        assert _keepalive_threads(etcd_server.endpoints) == 1
+    wait_until(lambda: _keepalive_threads(etcd_server.endpoints) == 0, 10, "the keep-alive stream to end with the client")
+    with pytest.raises(EtcdError):
+        kv.lease_keepalive(ids[1])

@@ -363,3 +363,44 @@ def test_status_command_shows_generation_members_progress_and_commit(nodes, etcd
     assert status_main(["--rdzv-endpoint", ",".join(etcd.endpoints), "--rdzv-id", job]) == 0
     text = capsys.readouterr().out
     assert "generation 1: world size 4, 2 nodes" in text and "committed step: 40" in text and "n1" in text
+
+
+def test_status_command_etcd_tls_auth_flags_and_exit_2_when_etcd_cannot_be_read(tmp_path, capsys, monkeypatch):
+    """``resilient status`` takes resilient-run's etcd TLS/auth flags, and exits 2 naming the endpoints
+    when etcd cannot be read (unreachable, or the handshake / credentials are refused)."""
+    import dataclasses
+    import json
+
+    from resilient.cli_status import status_main
+    from resilient.etcd.server import FAST, ServerTLS, find_etcd_binary, free_ports
+    from resilient.testing.etcd import write_test_certificates
+
+    (port,) = free_ports(1)  # nothing listens there
+    assert status_main(["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "j", "--connect-timeout", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "cannot read job 'j'" in err
+
+    certs = write_test_certificates(tmp_path / "pki", client_cn="root")
+    tls = ServerTLS(certs.server_cert, certs.server_key, certs.ca_cert, client_cert_auth=True)
+    with running_etcd(dataclasses.replace(FAST, tls=tls)) as server:
+        base = ["--rdzv-endpoint", server.endpoint, "--rdzv-id", "tlsjob", "--connect-timeout", "2"]
+        mtls = ["--etcd-ca", certs.ca_cert, "--etcd-cert", certs.client_cert, "--etcd-key", certs.client_key]
+        assert status_main([*base, *mtls, "--json"]) == 0
+        s = json.loads(capsys.readouterr().out)
+        assert s["job"] == "tlsjob" and s["generation"] == 0
+        assert status_main([*base, "--etcd-ca", certs.ca_cert]) == 2  # no client certificate: refused
+        assert server.endpoint in capsys.readouterr().err
+
+    with running_etcd() as server:
+        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
+        for cmd in (["user", "add", "root:s3cret"], ["auth", "enable"]):
+            subprocess.run([etcdctl, f"--endpoints={server.endpoint}", *cmd], check=True, capture_output=True,
+                           timeout=30)
+        base = ["--rdzv-endpoint", server.endpoint, "--rdzv-id", "authjob", "--connect-timeout", "2"]
+        monkeypatch.setenv("RESILIENT_ETCD_PASSWORD", "s3cret")
+        assert status_main([*base, "--etcd-user", "root"]) == 0
+        assert "job authjob" in capsys.readouterr().out
+        monkeypatch.setenv("RESILIENT_ETCD_PASSWORD", "wrong")
+        assert status_main([*base, "--etcd-user", "root"]) == 2
+        err = capsys.readouterr().err
+        assert server.endpoint in err and "password" in err
