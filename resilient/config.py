@@ -146,13 +146,12 @@ class NodeRange:
 
     @classmethod
     def parse(cls, spec: str) -> "NodeRange":
+        lo, sep, hi = spec.partition(":")
         try:
-            if ":" in spec:
-                lo, hi = spec.split(":", 1)
-                return cls(int(lo), int(hi))
-            n = int(spec)
-            return cls(n, n)
+            low = int(lo)
+            high = int(hi) if sep else low
         except ValueError as exc:
             raise ConfigError(f"--nnodes {spec!r} must be N or MIN:MAX with integers (e.g. 1:4).") from exc
+        return cls(low, high)  # range checks (ConfigError) happen here, outside the integer parsing
 
 

@@ -134,7 +134,7 @@ class _ShardManagerAdapter:
     def committed_step(self) -> int | None:
         return self.manager.committed_step()
 
-    def on_generation(self, ranks, world_size) -> None:
+    def on_generation(self, ranks, world_size, generation=None) -> None:
         self.manager.on_generation(self._agent.assignment)
 
     def close(self, unlink: bool = True) -> None:
@@ -188,6 +188,7 @@ class NodeAgent:
         self._first_step_pending: tuple[float, int] | None = None  # (fault mono, generation)
         self._last_progress = -1
         self._last_committed: int | None = None
+        self._sent_bytes = 0  # the shard manager's sent-bytes counter, as last fed into the metric
         self.rdzv = None
         self.kv = None
         self.etcd_server = None
@@ -239,7 +240,8 @@ class NodeAgent:
         node = NodeInfo(node_id=self.s.node_id, host=addr, addr=f"{addr}:0", bulk_addr=f"{addr}:0",
                         slots=self.s.nproc_per_node, store_port=self.store.port)
         self.snapshots, node = self._make_snapshots(node)
-        service = WorkerService(self.hub, lambda: self.snapshots, on_register=self._on_register)
+        service = WorkerService(self.hub, lambda: self.snapshots, on_register=self._on_register,
+                                on_stall=self.metrics.snapshot_stall.observe)
         self.server = serve(service, os.path.join(self.run_dir, "agent.sock"), max_workers=2 * self.s.nproc_per_node + 4)
         if self.s.metrics_port is not None:
             port = self.metrics.serve(self.s.metrics_port)
@@ -284,6 +286,19 @@ class NodeAgent:
         h = self.handles.get(slot)
         if h is not None and h.pid == pid:
             h.registered = True
+            # start (fork or spawn) to the worker's first call from user code (the decorator registers)
+            self.metrics.spawn_seconds.labels(h.how).set(max(0.0, time.monotonic() - h.started_mono))
+
+    def _replication_bytes(self) -> None:
+        """Feed ``resilient_replication_bytes`` from the shard manager's counter (multi-node only)."""
+        manager = getattr(self.snapshots, "manager", None)
+        stats = getattr(manager, "stats", None)
+        sent = getattr(stats, "sent_bytes", None)
+        if sent is None:
+            return
+        if sent > self._sent_bytes:
+            self.metrics.replication_bytes.inc(sent - self._sent_bytes)
+        self._sent_bytes = sent
 
     # ------------------------------------------------------------------------------------------------
     # main loop
@@ -435,7 +450,7 @@ class NodeAgent:
             for slot, rank in enumerate(entry.ranks)
         }
         self.worker_assignments = wa
-        self.snapshots.on_generation(tuple(entry.ranks), a.world_size)
+        self.snapshots.on_generation(tuple(entry.ranks), a.world_size, generation=a.generation)
         if prev is None and self.durable is not None and self.snapshots.committed_step() is None:
             self.durable.seed(self.snapshots, tuple(entry.ranks), a.world_size)
         self.hub.publish(a.generation, wa)
@@ -598,6 +613,7 @@ class NodeAgent:
 
     def _track_progress(self) -> None:
         self._persist(final=False)
+        self._replication_bytes()
         committed = self.snapshots.committed_step()
         if committed is not None and committed != self._last_committed:
             self._last_committed = committed

@@ -182,10 +182,10 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
         term_grace=ns.term_grace,
     )
     if ns.standalone:
-        nodes = _node_range(ns.nnodes) if ns.nnodes else NodeRange(1, 1)
+        nodes = NodeRange.parse(ns.nnodes) if ns.nnodes else NodeRange(1, 1)
         etcd = None
     else:
-        nodes = _node_range(ns.nnodes or "1")
+        nodes = NodeRange.parse(ns.nnodes or "1")
         endpoint = ns.rdzv_endpoint or env.get(env.ETCD_ENDPOINTS)
         etcd = (
             EtcdSettings.parse(
@@ -236,15 +236,6 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
         zygote=ns.zygote,
         advertise_addr=advertise,
     )
-
-
-def _node_range(spec: str) -> NodeRange:
-    lo, sep, hi = spec.partition(":")
-    try:
-        lo_n, hi_n = int(lo), int(hi if sep else lo)
-    except ValueError as exc:
-        raise ConfigError(f"--nnodes {spec!r} must be N or MIN:MAX with integers (e.g. 1:4).") from exc
-    return NodeRange(lo_n, hi_n)
 
 
 def _float_conf(conf: dict[str, str], *names: str) -> float | None:

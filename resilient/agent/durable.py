@@ -2,8 +2,11 @@
 every ``--persist-every`` steps (in the background), on SIGTERM and at job end (synchronously), and seed
 this node's segments from the newest complete checkpoint when a job starts with nothing in memory.
 
-Only a node that holds every rank's shard of the committed step persists it (one node, or the snapshot
-manager holding all copies); ``persist.done`` / ``persist.failed`` events report each attempt.
+One node (``LocalSnapshots``): this node holds every rank's shard and writes whole checkpoints with the
+``Persister``. Several nodes (the ``ShardManager`` behind the agent's adapter, which has ``.manager``):
+``resilient.replication.durable.ShardedPersist`` has each agent write its own shards and the agent of
+group rank 0 commit the manifest; it also restores from disk when no copy in memory is left.
+``persist.done`` / ``persist.failed`` events report each attempt.
 """
 
 from __future__ import annotations
@@ -19,12 +22,33 @@ log = get_logger(__name__)
 
 class Durable:
     def __init__(self, directory: str, job: str, keep: int, every: int) -> None:
-        from resilient.persist import Persister
-
         self.directory = directory
+        self.job = job
+        self.keep = keep
         self.every = every
-        self._persister = Persister(directory, job=job, keep=keep)
+        self._persister = None
+        self._sharded = None
         self._last: int | None = None
+
+    def _sharded_for(self, snapshots):
+        """The multi-node persister, when ``snapshots`` is the ShardManager adapter (else None)."""
+        manager = getattr(snapshots, "manager", None)
+        if manager is None:
+            return None
+        if self._sharded is None:
+            from resilient.replication.durable import ShardedPersist
+
+            self._sharded = ShardedPersist(manager, self.directory, job=self.job, keep=self.keep, every=self.every)
+        return self._sharded
+
+    def _local(self):
+        if self._persister is None:
+            from resilient.persist import Persister
+
+            self._persister = Persister(self.directory, job=self.job, keep=self.keep,
+                                        on_committed=lambda m: events.emit("persist.done", step=m.step,
+                                                                           dir=self.directory))
+        return self._persister
 
     def _shards(self, snapshots, step: int, ranks: tuple[int, ...]):
         from resilient.store import Segment
@@ -43,6 +67,10 @@ class Durable:
 
     def maybe_persist(self, snapshots, ranks: tuple[int, ...], world_size: int, generation: int, *,
                       final: bool) -> None:
+        sharded = self._sharded_for(snapshots)
+        if sharded is not None:
+            sharded.tick(final=final)
+            return
         step = snapshots.committed_step()
         if step is None or step == self._last:
             return
@@ -57,11 +85,11 @@ class Durable:
             if shards is None:
                 return
             if final:
-                self._persister.persist(step, generation, world_size, shards)
+                self._local().persist(step, generation, world_size, shards)
             else:
-                self._persister.submit(step, generation, world_size, shards)
+                self._local().submit(step, generation, world_size, shards)
+                events.emit("persist.submitted", step=step, dir=self.directory)
             self._last = step
-            events.emit("persist.done" if final else "persist.submitted", step=step, dir=self.directory)
         except (ResilientError, OSError) as exc:
             code = getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)
             events.emit("persist.failed", step=step, errno=errno_mod.errorcode.get(code, code) if code else None,
@@ -73,6 +101,8 @@ class Durable:
         from resilient.persist import latest_complete, load
         from resilient.store import Segment
 
+        if self._sharded_for(snapshots) is not None:
+            return None  # restored lazily: the ShardManager falls back to the durable tier per rank
         manifest = latest_complete(self.directory)
         if manifest is None:
             return None
@@ -97,6 +127,11 @@ class Durable:
         return manifest.step
 
     def close(self) -> None:
+        if self._sharded is not None:
+            self._sharded.close()
+            self._sharded = None
+        if self._persister is None:
+            return
         try:
             self._persister.close(wait=True)
         except PersistError as exc:

@@ -44,6 +44,7 @@ class LocalSnapshots:
         self._ranks: tuple[int, ...] = ()
         self._world_size = 0
         self._committed: tuple[int, int] | None = None  # (step, generation)
+        self._generation: int | None = None  # the current generation (commits are fenced by it)
         self._count = 0
         self.on_commit = None  # callback(step, generation)
 
@@ -59,12 +60,17 @@ class LocalSnapshots:
                 except FileNotFoundError:
                     continue
 
-    def on_generation(self, ranks: tuple[int, ...], world_size: int) -> None:
+    def on_generation(self, ranks: tuple[int, ...], world_size: int, generation: int | None = None) -> None:
+        """New membership. From now on only seals of ``generation`` can complete a commit: a seal of an
+        older generation that arrives late (seals are asynchronous) must not move the committed step while
+        the ranks of the new generation are reading it to restore (they would restore different steps)."""
         with self._lock:
             if world_size != self._world_size and self._world_size:
                 log.info("world size %d -> %d: local snapshots are kept per rank", self._world_size, world_size)
             self._ranks = tuple(ranks)
             self._world_size = world_size
+            if generation is not None:
+                self._generation = generation
 
     def segment_for(self, rank: int, nbytes: int) -> str:
         from resilient.store import Segment
@@ -94,9 +100,15 @@ class LocalSnapshots:
             shard.sealed[step] = (generation, nbytes)
             for old in sorted(shard.sealed)[:-2]:
                 del shard.sealed[old]
+            if self._generation is not None and generation != self._generation:
+                log.info("rank %d sealed step %d in generation %d, not the current %d: kept, never committed",
+                         rank, step, generation, self._generation)
+                return None
             if not self._ranks or any(r not in self._shards for r in self._ranks):
                 return None
-            common = set.intersection(*(set(self._shards[r].sealed) for r in self._ranks))
+            current = self._generation if self._generation is not None else generation
+            common = set.intersection(*({s for s, (g, _n) in self._shards[r].sealed.items() if g == current}
+                                        for r in self._ranks))
             if not common:
                 return None
             newest = max(common)

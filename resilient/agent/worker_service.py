@@ -58,10 +58,12 @@ def assignment_from_msg(m: worker_pb2.Assignment) -> WorkerAssignment:
 
 class WorkerService(worker_pb2_grpc.WorkerAgentServicer):
     def __init__(self, hub: WorkerHub, snapshots: Callable[[], Snapshots],
-                 on_register: Callable[[int, int], None] | None = None) -> None:
+                 on_register: Callable[[int, int], None] | None = None,
+                 on_stall: Callable[[float], None] | None = None) -> None:
         self._hub = hub
         self._snapshots = snapshots
         self._on_register = on_register
+        self._on_stall = on_stall
 
     def _rank(self, slot: int, context: grpc.ServicerContext) -> int:
         a = self._hub.assignment(slot)
@@ -92,7 +94,10 @@ class WorkerService(worker_pb2_grpc.WorkerAgentServicer):
 
     def Sealed(self, request, context):
         rank = self._rank(request.local_rank, context)
-        self._hub.record_stall(request.stall_s)
+        if request.stall_s >= 0:  # negative: the worker did not measure it
+            self._hub.record_stall(request.stall_s)
+            if self._on_stall is not None:
+                self._on_stall(request.stall_s)
         try:
             self._snapshots().on_sealed(rank, request.step, request.generation, request.nbytes)
         except ResilientError as exc:

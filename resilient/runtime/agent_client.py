@@ -48,6 +48,7 @@ class AgentRuntime(WorkerRuntime):
         self._channel = grpc.insecure_channel(f"unix:{socket_path}")
         self._stub = worker_pb2_grpc.WorkerAgentStub(self._channel)
         self._pending_seals: list[grpc.Future] = []
+        self._recovering = False
         try:
             reply = self._stub.Register(
                 worker_pb2.RegisterRequest(local_rank=slot, pid=os.getpid(), import_s=import_s),
@@ -104,7 +105,9 @@ class AgentRuntime(WorkerRuntime):
                 with self._lock:
                     self._assignment = a
                 self._control.set("generation", a.generation)
-                self._control.set_state("running")
+                # stays "recovering" (no hang clock) through process-group set-up and restore: the next beat,
+                # at the top of the step loop, switches it back to "running"
+                self._recovering = True
                 return a
             if reply.status == worker_pb2.WaitReply.CLOSED:
                 raise RendezvousClosedError(f"The job ended while waiting for a new generation: {reply.detail}")
@@ -119,6 +122,9 @@ class AgentRuntime(WorkerRuntime):
 
     def beat(self, step: int) -> None:
         self._control.beat(step)
+        if self._recovering:
+            self._recovering = False
+            self._control.set_state("running")
 
     # --- snapshots ------------------------------------------------------------------------------------
     def segment_for(self, nbytes: int) -> str:
@@ -126,10 +132,10 @@ class AgentRuntime(WorkerRuntime):
                            f"asking the agent for a {nbytes}-byte segment")
         return reply.segment
 
-    def sealed(self, step: int, generation: int, nbytes: int, stall_s: float = 0.0) -> None:
+    def sealed(self, step: int, generation: int, nbytes: int, stall_s: float | None = None) -> None:
         fut = self._stub.Sealed.future(
             worker_pb2.SealedRequest(local_rank=self._slot, step=step, generation=generation, nbytes=nbytes,
-                                     stall_s=stall_s),
+                                     stall_s=-1.0 if stall_s is None else stall_s),
             timeout=RPC_TIMEOUT_S,
         )
         with self._lock:
@@ -147,6 +153,12 @@ class AgentRuntime(WorkerRuntime):
     def committed_step(self) -> int | None:
         step = self._control.get("committed_step")
         return None if step < 0 else step
+
+    def poll_committed(self) -> int | None:
+        """Ask the agent (its commit view is newer than the control block, refreshed every monitor interval)."""
+        reply = self._call(self._stub.Committed, worker_pb2.CommittedRequest(local_rank=self._slot),
+                           "asking the agent for the committed step")
+        return None if reply.step < 0 else reply.step
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the seals sent so far reached the agent (used before a clean exit)."""

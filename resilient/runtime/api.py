@@ -78,8 +78,9 @@ class WorkerRuntime(abc.ABC):
         """Name of the segment (slot capacity >= nbytes) this worker writes its snapshots into."""
 
     @abc.abstractmethod
-    def sealed(self, step: int, generation: int, nbytes: int) -> None:
-        """A snapshot of ``step`` was sealed in this worker's segment (non-blocking for the caller)."""
+    def sealed(self, step: int, generation: int, nbytes: int, stall_s: float | None = None) -> None:
+        """A snapshot of ``step`` was sealed in this worker's segment (non-blocking for the caller).
+        ``stall_s``: how long the training thread was blocked by it (reported as a metric)."""
 
     @abc.abstractmethod
     def restore_source(self) -> RestoreSource | None:
@@ -87,7 +88,12 @@ class WorkerRuntime(abc.ABC):
 
     @abc.abstractmethod
     def committed_step(self) -> int | None:
-        """The newest committed step known (None when none)."""
+        """The newest committed step known (None when none); cheap, may lag the newest commit slightly."""
+
+    def poll_committed(self) -> int | None:
+        """The newest committed step, asked of its owner now (used while waiting for a commit); by default
+        the same as ``committed_step``."""
+        return self.committed_step()
 
     @abc.abstractmethod
     def close(self) -> None: ...

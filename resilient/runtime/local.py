@@ -163,7 +163,7 @@ class LocalRuntime(WorkerRuntime):
             self._segment, self._segment_capacity = segment, capacity
             return name
 
-    def sealed(self, step: int, generation: int, nbytes: int) -> None:
+    def sealed(self, step: int, generation: int, nbytes: int, stall_s: float | None = None) -> None:
         with self._lock:
             if self._segment is None:
                 raise RendezvousClosedError("LocalRuntime.sealed was called before segment_for; no segment exists.")

@@ -89,3 +89,109 @@ def test_metrics_are_served_over_http():
         m.close()
     assert "resilient_generation 7.0" in text
     assert 'resilient_recovery_seconds{phase="rendezvous"} 0.25' in text
+
+
+def test_nnodes_min_above_max_is_reported_as_such_not_as_non_integers():
+    import pytest
+
+    from resilient.config import NodeRange
+    from resilient.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="MIN must not exceed MAX") as info:
+        NodeRange.parse("3:2")
+    assert "integers" not in str(info.value)
+    with pytest.raises(ConfigError, match="integers"):
+        NodeRange.parse("a:2")
+    assert NodeRange.parse("2") == NodeRange(2, 2) and NodeRange.parse("1:4") == NodeRange(1, 4)
+
+
+def test_a_late_seal_of_an_ended_generation_never_moves_the_committed_step(tmp_path):
+    from resilient.agent.snapshots import LocalSnapshots
+
+    snaps = LocalSnapshots(job="fence-test", node="n0", shm_dir=str(tmp_path))
+    try:
+        snaps.on_generation((0, 1), 2, generation=1)
+        for rank in (0, 1):
+            snaps.segment_for(rank, 4096)
+            snaps.on_sealed(rank, 5, 1, 100)
+        assert snaps.committed_step() == 5
+        snaps.on_generation((0, 1), 2, generation=2)
+        # both seals of step 6 were sent in generation 1 and arrive after generation 2 formed
+        assert snaps.on_sealed(0, 6, 1, 100) is None and snaps.on_sealed(1, 6, 1, 100) is None
+        assert snaps.committed_step() == 5
+        assert snaps.prepare_restore(0).step == 5 and snaps.prepare_restore(1).step == 5
+        snaps.on_sealed(0, 6, 2, 100)
+        assert snaps.on_sealed(1, 6, 2, 100) == 6, "seals of the current generation commit"
+    finally:
+        snaps.close(unlink=True)
+
+
+def test_the_hang_clock_stays_off_from_recovery_until_the_first_beat_of_the_step_loop(tmp_path):
+    from resilient.agent.hub import WorkerHub
+    from resilient.agent.worker_service import WorkerService, serve
+    from resilient.runtime.agent_client import AgentRuntime
+    from resilient.runtime.control import ControlBlock
+
+    class NoSnapshots:
+        def committed_step(self):
+            return None
+
+    def assignment(gen):
+        return WorkerAssignment(generation=gen, rank=0, local_rank=0, world_size=1, local_world_size=1, group_rank=0,
+                                master_addr="127.0.0.1", master_port=1, restart_count=0, job_id="j", node_id="n")
+
+    hub = WorkerHub()
+    hub.publish(1, {0: assignment(1)})
+    sock = str(tmp_path / "agent.sock")
+    server = serve(WorkerService(hub, NoSnapshots), sock, max_workers=4)
+    control = ControlBlock.create(str(tmp_path / "control"), 1)
+    runtime = AgentRuntime(sock, control.path, 0)
+    try:
+        runtime.beat(3)
+        hub.publish(2, {0: assignment(2)})
+        assert runtime.wait_for_generation(after=1, timeout=10).generation == 2
+        # process-group set-up and restore run now: the worker is still "recovering", never hung
+        assert control.state() == "recovering"
+        assert not _decide(state=control.state(), beats=control.get("beats")).hung
+        runtime.beat(3)  # top of the step loop
+        assert control.state() == "running"
+    finally:
+        runtime.close()
+        server.stop(grace=None)
+        control.unlink()
+
+
+def test_a_sealed_snapshot_reports_its_stall_to_the_agent_metric(tmp_path):
+    from resilient.agent.hub import WorkerHub
+    from resilient.agent.metrics import AgentMetrics
+    from resilient.agent.worker_service import WorkerService, serve
+    from resilient.runtime.agent_client import AgentRuntime
+    from resilient.runtime.control import ControlBlock
+
+    class Snapshots:
+        def committed_step(self):
+            return None
+
+        def on_sealed(self, rank, step, generation, nbytes):
+            return None
+
+    hub = WorkerHub()
+    hub.publish(1, {0: WorkerAssignment(generation=1, rank=0, local_rank=0, world_size=1, local_world_size=1,
+                                        group_rank=0, master_addr="127.0.0.1", master_port=1, restart_count=0,
+                                        job_id="j", node_id="n")})
+    metrics = AgentMetrics()
+    sock = str(tmp_path / "agent.sock")
+    server = serve(WorkerService(hub, Snapshots, on_stall=metrics.snapshot_stall.observe), sock, max_workers=4)
+    control = ControlBlock.create(str(tmp_path / "control"), 1)
+    runtime = AgentRuntime(sock, control.path, 0)
+    try:
+        runtime.sealed(1, 1, 100, stall_s=0.25)
+        runtime.sealed(2, 1, 100)  # not measured: not observed
+        runtime.flush()
+        count = metrics.registry.get_sample_value("resilient_snapshot_stall_seconds_count")
+        total = metrics.registry.get_sample_value("resilient_snapshot_stall_seconds_sum")
+        assert (count, total) == (1.0, 0.25)
+    finally:
+        runtime.close()
+        server.stop(grace=None)
+        control.unlink()
