@@ -9,7 +9,16 @@ that create the segment and fault in both of its slots. The baseline, measured i
 with torch allowed as many threads as the store's copy engine uses. With ``--device cuda`` the
 parameters live on the GPU and the baseline is a device-to-host ``copy_`` into pinned buffers.
 
-Prints one JSON line per size: ``{"bytes", "stall_s", "memcpy_s", "ratio", ...}``.
+With ``--device cuda`` and a CUDA-enabled native store the snapshot overlaps the copy with the next step:
+``stall_s`` is the wall time of ``ctx.snapshot()`` (capture, clones, queueing the D2H copy and the GPU
+CRCs) plus the time the seal blocks once the next "step" is over (``writer.poll()`` after the copy
+finished, as ``ctx.steps()`` does at each step boundary); the next step is simulated by waiting, off the
+measured time, until the copy is done (``overlap_copy_s``: snapshot start to copy done). ``copy_s`` is the
+synchronous snapshot of the same state (``SnapshotWriter(overlap=False)``, today's path: blocks for the
+whole copy), ``memcpy_s`` the pinned ``copy_``. On CPU ``copy_s`` equals ``stall_s``.
+
+Prints one JSON line per size: ``{"bytes", "stall_s", "copy_s", "memcpy_s", "ratio", ...}`` where
+``ratio`` = stall_s / memcpy_s.
 
     python bench/snapshot_stall.py [--big] [--reps 5] [--device cpu|cuda]
 """
@@ -53,21 +62,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(nbytes: int, reps: int, device: torch.device, runtime: LocalRuntime) -> dict:
-    model = Blob(nbytes, device)
-    writer = SnapshotWriter(runtime)
+def snapshot_stalls(
+    model: Blob, reps: int, device: torch.device, overlap: bool
+) -> tuple[list[float], list[float], bool]:
+    """Blocking time of ``reps`` snapshots (after two warm-ups) on a fresh LocalRuntime; with ``overlap``
+    also the time from each snapshot's start until its copy finished. Returns (stalls, copies, overlapped)."""
+    runtime = LocalRuntime(mode="single")
+    writer = SnapshotWriter(runtime, overlap=overlap)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # guarded: its parameters are copied without clones
     ctx = Context(
         runtime=runtime, assignment=runtime.assignment(), device=device, writer=writer, snapshot_every=0, seed=0
     )
-    ctx.protect(model=model)
-    stalls = []
-    for i in range(reps + 2):
-        sync(device)
-        began = time.perf_counter()
-        ctx.snapshot()
-        stall = time.perf_counter() - began
-        if i >= 2:
-            stalls.append(stall)
+    ctx.protect(model=model, optimizer=opt)
+    stalls, copies, overlapped = [], [], False
+    try:
+        for i in range(reps + 2):
+            sync(device)
+            began = time.perf_counter()
+            ctx.snapshot()
+            stall = time.perf_counter() - began
+            if writer.in_flight:  # the next step runs while the copy does: wait for it off the clock
+                overlapped = True
+                while not writer.copy_done():
+                    time.sleep(0.0002)
+                copied = time.perf_counter() - began
+                sealed = time.perf_counter()
+                writer.poll()
+                stall += time.perf_counter() - sealed
+            else:
+                copied = stall
+            if i >= 2:
+                stalls.append(stall)
+                copies.append(copied)
+    finally:
+        writer.close()
+        runtime.close()
+    return stalls, copies, overlapped
+
+
+def measure(nbytes: int, reps: int, device: torch.device) -> dict:
+    model = Blob(nbytes, device)
+    stalls, overlap_copies, overlapped = snapshot_stalls(model, reps, device, overlap=True)
+    sync_stalls = snapshot_stalls(model, reps, device, overlap=False)[0] if overlapped else stalls
     srcs = [p.data for p in model.params]
     dsts = [torch.empty(s.shape, dtype=s.dtype, pin_memory=device.type == "cuda") for s in srcs]
     for d in dsts:
@@ -85,14 +121,19 @@ def measure(nbytes: int, reps: int, device: torch.device, runtime: LocalRuntime)
         if i:
             copies.append(time.perf_counter() - began)
     torch.set_num_threads(threads)
-    writer.close()
-    runtime.close()
     stall_s, memcpy_s = statistics.median(stalls), statistics.median(copies)
+    copy_s = statistics.median(sync_stalls)
+    nb = sum(s.numel() * s.element_size() for s in srcs)
     return {
-        "bytes": sum(s.numel() * s.element_size() for s in srcs),
+        "bytes": nb,
         "stall_s": round(stall_s, 6),
+        "copy_s": round(copy_s, 6),
         "memcpy_s": round(memcpy_s, 6),
         "ratio": round(stall_s / memcpy_s, 3),
+        "overlapped": overlapped,
+        "overlap_copy_s": round(statistics.median(overlap_copies), 6),
+        "stall_ms_per_gb": round(stall_s * 1e3 / (nb / 1e9), 3),
+        "copy_over_stall": round(copy_s / stall_s, 2),
         "device": str(device),
         "engine": "native" if is_native() else "python",
         "engine_threads": backend().default_threads(),
@@ -112,11 +153,12 @@ def main() -> None:
         sizes = [int(float(s) * 1e6) for s in args.sizes_mb.split(",")]
     else:
         sizes = [100_000_000, 1_000_000_000] + ([4_000_000_000] if args.big else [])
-    shm_dir = tempfile.mkdtemp(prefix="resilient-bench-stall-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    base = os.environ.get("RESILIENT_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+    shm_dir = tempfile.mkdtemp(prefix="resilient-bench-stall-", dir=base)
     os.environ["RESILIENT_SHM_DIR"] = shm_dir
     try:
         for nbytes in sizes:
-            print(json.dumps(measure(nbytes, args.reps, device, LocalRuntime(mode="single"))), flush=True)
+            print(json.dumps(measure(nbytes, args.reps, device)), flush=True)
     finally:
         shutil.rmtree(shm_dir, ignore_errors=True)
 

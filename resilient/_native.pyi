@@ -59,3 +59,6 @@ def event_synchronize(event: int) -> None: ...
 def event_elapsed_ms(start: int, end: int) -> float: ...
 def crc32c_device(ptr: int, n: int, chunk: int, stream: int = 0) -> list[int]:
     """Per-chunk CRC32C of device memory (same values as checksum_batch on the host); syncs stream."""
+def crc32c_device_async(ptr: int, n: int, chunk: int, stream: int, out: int) -> int:
+    """crc32c_device queued on stream without waiting: the uint32 CRCs land at out (page-locked host
+    memory kept alive by the caller) when the stream reaches them; returns the number of chunks."""

@@ -236,12 +236,11 @@ float event_elapsed_ms(uintptr_t start, uintptr_t end) {
   return ms;
 }
 
-std::vector<uint32_t> crc32c_device(uintptr_t ptr, size_t n, size_t chunk, uintptr_t stream) {
-  ensure_device();
-  if (chunk == 0) throw std::invalid_argument("chunk size must be positive");
-  const size_t nchunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
-  std::vector<uint32_t> out(nchunks);
-  if (nchunks == 0) return out;
+namespace {
+
+// Queues the CRC kernel on `stream` writing nchunks results to device memory, then a copy of them to
+// `host_out` (page-locked, or pageable for the synchronous caller); frees the device buffer in stream order.
+void crc_enqueue(uintptr_t ptr, size_t n, size_t chunk, uintptr_t stream, uint32_t* host_out, size_t nchunks) {
   if (nchunks > 0x7fffffffu) throw std::invalid_argument("too many chunks for one kernel launch");
   upload_table();
   const size_t seg = (chunk + kThreads - 1) / kThreads;
@@ -257,14 +256,40 @@ std::vector<uint32_t> crc32c_device(uintptr_t ptr, size_t n, size_t chunk, uintp
       reinterpret_cast<const uint8_t*>(ptr), n, chunk, static_cast<unsigned>(seg), ops, init_full,
       init_last, dev_out);
   cudaError_t launch = cudaGetLastError();
-  cudaError_t copy = cudaMemcpyAsync(out.data(), dev_out, nchunks * sizeof(uint32_t),
-                                     cudaMemcpyDeviceToHost, S(stream));
-  cudaFreeAsync(dev_out, S(stream));
-  cudaError_t sync = cudaStreamSynchronize(S(stream));
+  cudaError_t copy = cudaMemcpyAsync(host_out, dev_out, nchunks * sizeof(uint32_t), cudaMemcpyDeviceToHost,
+                                     S(stream));
+  cudaError_t free_err = cudaFreeAsync(dev_out, S(stream));
+  if (launch != cudaSuccess || copy != cudaSuccess || free_err != cudaSuccess)
+    cudaStreamSynchronize(S(stream));  // nothing may still write into host_out once we throw
   check(launch, "crc32c kernel launch");
   check(copy, "cudaMemcpyAsync(crc results)");
-  check(sync, "cudaStreamSynchronize(crc)");
+  check(free_err, "cudaFreeAsync(crc results)");
+}
+
+size_t chunks_of(size_t n, size_t chunk) {
+  if (chunk == 0) throw std::invalid_argument("chunk size must be positive");
+  return n == 0 ? 0 : (n + chunk - 1) / chunk;
+}
+
+}  // namespace
+
+std::vector<uint32_t> crc32c_device(uintptr_t ptr, size_t n, size_t chunk, uintptr_t stream) {
+  ensure_device();
+  const size_t nchunks = chunks_of(n, chunk);
+  std::vector<uint32_t> out(nchunks);
+  if (nchunks == 0) return out;
+  crc_enqueue(ptr, n, chunk, stream, out.data(), nchunks);
+  check(cudaStreamSynchronize(S(stream)), "cudaStreamSynchronize(crc)");
   return out;
+}
+
+size_t crc32c_device_async(uintptr_t ptr, size_t n, size_t chunk, uintptr_t stream, uintptr_t out) {
+  ensure_device();
+  const size_t nchunks = chunks_of(n, chunk);
+  if (nchunks == 0) return 0;
+  if (out == 0) throw std::invalid_argument("crc32c_device_async needs an output address");
+  crc_enqueue(ptr, n, chunk, stream, reinterpret_cast<uint32_t*>(out), nchunks);
+  return nchunks;
 }
 
 }  // namespace cuda

@@ -34,6 +34,9 @@ void event_synchronize(uintptr_t event);
 float event_elapsed_ms(uintptr_t start, uintptr_t end);
 // Per-chunk CRC32C of device memory; synchronizes `stream` before returning.
 std::vector<uint32_t> crc32c_device(uintptr_t ptr, size_t n, size_t chunk, uintptr_t stream);
+// The same CRCs queued on `stream` without waiting: ceil(n / chunk) uint32 land at `out` (page-locked host
+// memory the caller keeps alive) once the stream reaches them. Returns the number of chunks.
+size_t crc32c_device_async(uintptr_t ptr, size_t n, size_t chunk, uintptr_t stream, uintptr_t out);
 
 }  // namespace cuda
 }  // namespace resilient

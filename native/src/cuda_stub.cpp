@@ -36,6 +36,7 @@ bool event_query(uintptr_t) { fail(); }
 void event_synchronize(uintptr_t) { fail(); }
 float event_elapsed_ms(uintptr_t, uintptr_t) { fail(); }
 std::vector<uint32_t> crc32c_device(uintptr_t, size_t, size_t, uintptr_t) { fail(); }
+size_t crc32c_device_async(uintptr_t, size_t, size_t, uintptr_t, uintptr_t) { fail(); }
 
 }  // namespace cuda
 }  // namespace resilient

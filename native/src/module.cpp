@@ -202,4 +202,10 @@ PYBIND11_MODULE(_native, m) {
         py::gil_scoped_release nogil;
         return cuda::crc32c_device(ptr, n, chunk, stream);
       }, py::arg("ptr"), py::arg("n"), py::arg("chunk"), py::arg("stream") = 0);
+  m.def("crc32c_device_async", [](uint64_t ptr, uint64_t n, uint64_t chunk, uint64_t stream, uint64_t out) {
+        check_chunk(chunk);
+        py::gil_scoped_release nogil;
+        return cuda::crc32c_device_async(ptr, n, chunk, stream, out);
+      }, py::arg("ptr"), py::arg("n"), py::arg("chunk"), py::arg("stream"), py::arg("out"),
+      "Per-chunk CRC32C of device memory queued on stream; the uint32 results land at out (pinned).");
 }

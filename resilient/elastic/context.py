@@ -36,7 +36,7 @@ from resilient.runtime.api import WorkerAssignment, WorkerRuntime
 log = logs.get_logger(__name__)
 
 STATE_NAME = "_state"  # ctx.state in the snapshot
-FINAL_SNAPSHOT_COMMIT_WAIT_S = 30.0  # the final snapshot waits this long for the previous one to commit
+FINAL_SNAPSHOT_COMMIT_WAIT_S = 30.0  # the final snapshot waits at least this long for the previous one to commit
 RNG_PREFIX = "_rng"
 
 
@@ -62,11 +62,15 @@ class Context:
         snapshot_every: int,
         seed: int,
         recovery: Recovery | None = None,
+        commit_wait_s: float = 0.0,
     ) -> None:
         self._runtime = runtime
+        self._commit_wait_s = commit_wait_s
+        self._abandoned: tuple[int, int] | None = None  # pending (step, generation) whose commit wait timed out
         self._assignment = assignment
         self.device = device
         self._writer = writer
+        writer.finish()  # an overlapped snapshot of the previous incarnation: sealed before anything changes
         self._snapshot_every = snapshot_every
         self.seed = seed
         self._recovery = recovery
@@ -171,6 +175,8 @@ class Context:
                 continue
             if isinstance(obj, ElasticSampler):
                 obj.set_world(self.rank, self.world_size)
+            if kinds[name] == "optimizer":
+                self._writer.guard(obj)  # its step() waits for an overlapped snapshot copy still in flight
             self._objects[name], self._kinds[name] = obj, kinds[name]
             out[name] = obj
         return out
@@ -241,6 +247,7 @@ class Context:
             yield step
             self._completed = step + 1
             self._runtime.beat(step)
+            self._writer.poll()  # seal an overlapped snapshot whose copy has finished (never blocks)
             events.emit("step.done", step=step, gen=self.generation, world_size=self.world_size)
             if self._snapshot_every and self._completed % self._snapshot_every == 0:
                 self.snapshot()
@@ -286,20 +293,36 @@ class Context:
             self._recovery = None
 
     # --- snapshots --------------------------------------------------------------------------------------
-    def snapshot(self, *, wait_commit: float = 0.0) -> int | None:
+    def snapshot(self, *, wait_commit: float | None = None) -> int | None:
         """Snapshot the protected state now (state after ``completed_steps`` steps); returns the step count,
         or None where snapshots are off (plain torchrun) or skipped.
 
-        A snapshot is skipped (event ``snapshot.skipped``) rather than overwrite the only local copy of the
-        committed step while the previous snapshot is still being replicated; ``wait_commit`` seconds are
-        spent waiting for that commit first (used for the final snapshot)."""
+        A snapshot never overwrites the only local copy of the committed step while the previous snapshot
+        is still being replicated: it first waits up to ``wait_commit`` seconds (default: the context's
+        ``commit_wait_s``) for that commit, beating meanwhile, and is skipped (event ``snapshot.skipped``)
+        only when the commit does not come in time. After such a timeout later snapshots do not wait again
+        for the same pending step."""
         if not getattr(self._runtime, "keeps_snapshots", True):
             return None
         step = self._completed
-        if not self._writer.wait_until_safe(wait_commit):
+        wait = self._commit_wait_s if wait_commit is None else wait_commit
+        pending = self._writer.pending_step()
+        if pending is not None and pending == self._abandoned:
+            wait = 0.0
+        began = time.monotonic()
+        if not self._writer.wait_until_safe(wait, self.generation, beat=lambda: self._runtime.beat(step - 1),
+                                            cancelled=self._runtime.pending_generation):
             self._skipped_snapshots += 1
+            if self._runtime.pending_generation():
+                events.emit("snapshot.skipped", step=step, reason="the generation is over",
+                            committed=self._runtime.committed_step(), waited_s=round(time.monotonic() - began, 6))
+                return None
+            if wait > 0:
+                self._abandoned = pending
+                log.warning("the snapshot of step %s was not committed within %.1fs: skipping snapshots until it "
+                            "commits (the committed step stays the restore point)", pending and pending[0], wait)
             events.emit("snapshot.skipped", step=step, reason="previous snapshot not committed yet",
-                        committed=self._runtime.committed_step())
+                        committed=self._runtime.committed_step(), waited_s=round(time.monotonic() - began, 6))
             return None
         for obj in self._objects.values():
             if isinstance(obj, ElasticSampler):
@@ -323,11 +346,12 @@ class Context:
 
     def _final_snapshot(self) -> None:
         if self._last_snapshot != self._completed and (self._objects or self._state):
-            self.snapshot(wait_commit=FINAL_SNAPSHOT_COMMIT_WAIT_S)
+            self.snapshot(wait_commit=max(FINAL_SNAPSHOT_COMMIT_WAIT_S, self._commit_wait_s))
 
     def _finish(self) -> dict[str, Any]:
         """After the train function returned: final snapshot, ``train.done`` with the state hash."""
         self._final_snapshot()
+        self._writer.finish()  # seal an overlapped snapshot still in flight
         from resilient.elastic.exactness import state_hash
 
         hashed = {n: o for n, o in self._objects.items() if self._kinds[n] in ("module", "optimizer")}

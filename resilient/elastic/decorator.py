@@ -48,6 +48,9 @@ class ElasticConfig:
     seed: int = 0  # seeds per-rank RNGs after a world-size change (with step and rank)
     pg_timeout_s: float = 300.0  # collective timeout (failures are detected by the agent, not by this)
     generation_timeout_s: float = 1800.0  # longest wait for the next generation
+    # a snapshot that would overwrite the only local copy of the committed step first waits this long for the
+    # previous snapshot to commit (every rank then snapshots the same steps); skipped after that
+    commit_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 0:
@@ -56,6 +59,8 @@ class ElasticConfig:
             )
         if self.backend is not None and self.backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
             raise ConfigError(f"backend {self.backend!r} is not a torch.distributed backend (gloo, nccl, ...).")
+        if self.commit_wait_s < 0:
+            raise ConfigError(f"commit_wait_s must be >= 0 seconds; got {self.commit_wait_s}.")
         if self.pg_timeout_s <= 0 or self.generation_timeout_s <= 0:
             raise ConfigError(
                 f"pg_timeout_s ({self.pg_timeout_s}) and generation_timeout_s ({self.generation_timeout_s}) "
@@ -72,6 +77,7 @@ def elastic(
     seed: int = 0,
     pg_timeout_s: float = 300.0,
     generation_timeout_s: float = 1800.0,
+    commit_wait_s: float = 30.0,
     runtime: Callable[[], WorkerRuntime] | None = None,
 ) -> Any:
     """Decorate ``fn(ctx, *args, **kwargs)``; usable bare (``@elastic``) or with arguments.
@@ -88,6 +94,7 @@ def elastic(
                 seed=seed,
                 pg_timeout_s=pg_timeout_s,
                 generation_timeout_s=generation_timeout_s,
+                commit_wait_s=commit_wait_s,
             )
             return Driver(train, config, runtime).run(args, kwargs)
 
@@ -201,6 +208,7 @@ class Driver:
                     snapshot_every=self.config.snapshot_every,
                     seed=self.config.seed,
                     recovery=recovery,
+                    commit_wait_s=self.config.commit_wait_s,
                 )
                 result = self.fn(ctx, *args, **kwargs)
             except Exception as exc:

@@ -7,24 +7,36 @@ blocking the caller. When the state grows past the segment (optimizer state appe
 step, a user value grows), it asks the runtime for a bigger segment and says so in the log.
 
 ``load_snapshot`` reads the committed snapshot named by the runtime's ``RestoreSource``, verified.
+
+With CUDA state and a CUDA-enabled native store the copy overlaps training: ``write`` only queues the
+device-to-host copy (``Segment.write_async``) and returns. Every ``guard``-ed optimizer's step (a step
+pre-hook) is then ordered after the copy on the GPU (or seals it when the copy is already done), without
+blocking the thread; ``poll`` at each step boundary seals and reports the snapshot once the copy is done,
+and ``finish`` (next snapshot, restore, end) waits for it. Tensors an optimizer step mutates are copied
+in place; other CUDA tensors (module buffers, GradScaler state...) are cloned first on the compute
+stream. The stall reported is the launch time plus the time ``finish``/``poll`` actually blocked.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from resilient import events, logs
 from resilient.elastic.capture import Captured, load_meta
-from resilient.errors import StateError, StoreSpaceError
+from resilient.errors import StateError, StoreError, StoreSpaceError
 from resilient.runtime.api import RestoreSource, WorkerRuntime
-from resilient.store import Segment
+from resilient.store import PendingWrite, Segment
 from resilient.store.layout import ALIGN, align
 
 log = logs.get_logger(__name__)
+
+SEGMENT_HEADROOM_BYTES = 64 << 10  # extra slot bytes asked for whenever a segment is (re)created
+COMMIT_POLL_S = 0.005  # poll interval while a snapshot waits for the previous one to commit
 
 
 def required_capacity(captured: Captured) -> int:
@@ -46,21 +58,32 @@ class LoadedSnapshot:
 
 
 class SnapshotWriter:
-    """Writes captures into the runtime's segment for this worker (see the module docstring)."""
+    """Writes captures into the runtime's segment for this worker (see the module docstring);
+    ``overlap=False`` keeps every copy synchronous."""
 
-    def __init__(self, runtime: WorkerRuntime) -> None:
+    def __init__(self, runtime: WorkerRuntime, *, overlap: bool = True) -> None:
         self._runtime = runtime
         self._segment: Segment | None = None
         self._layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
         self.last_stall_s: float | None = None
+        self._inflight: _InFlight | None = None  # the overlapped snapshot not sealed yet
+        self._guarded: weakref.WeakSet = weakref.WeakSet()  # optimizers whose step() waits for it
+        self._overlap: bool | None = None if overlap else False  # Segment.overlap_available(), asked once
 
     @property
     def segment(self) -> Segment | None:
         return self._segment
 
-    def _segment_for(self, nbytes: int) -> Segment:
+    def _segment_for(self, nbytes: int, meta_nbytes: int = 0) -> Segment:
+        current = self._segment
+        if current is None or current.capacity < nbytes:
+            # a new or larger segment: ask for headroom, so that the pickled meta growing by a few bytes (a
+            # longer generation number, a grown user value) does not force a new segment at the next snapshot
+            nbytes = nbytes + max(SEGMENT_HEADROOM_BYTES, meta_nbytes)
         name = self._runtime.segment_for(nbytes)
-        if self._segment is None or self._segment.name != name:
+        if current is None or current.name != name or current.capacity < nbytes:
+            # a different segment, or the runtime recreated this one larger under the same name (the mapping
+            # held here is then of the old file): map the runtime's segment afresh
             if self._segment is not None:
                 log.info(
                     "snapshot state of %d bytes outgrew segment %s (%d bytes per slot); now writing into segment %s",
@@ -70,60 +93,184 @@ class SnapshotWriter:
             self._segment = Segment.open(name)
         return self._segment
 
-    def overwrites_committed(self) -> bool:
+    def overwrites_committed(self, generation: int | None = None, committed: int | None = None) -> bool:
         """True when the next write would destroy the only local copy of the committed step.
 
         A segment has two slots and a write goes to the one not sealed last. When the newest sealed step is
         not committed yet, the other slot may still hold the committed step: overwriting it would leave this
-        host with no committed copy until the newer step commits. Such a snapshot is skipped instead.
+        host with no committed copy until the newer step commits. The newest step is still pending only
+        while it belongs to the current ``generation``: commits are fenced by generation, so a step sealed in
+        an older one can never commit and waiting for it would wait forever.
+        ``generation`` None: the newest step is taken as current. ``committed`` defaults to the runtime's
+        cheap view (``committed_step``).
         """
+        self.finish()
         segment = self._segment
         latest = None if segment is None else segment.latest()
         if latest is None:
             return False
-        committed = self._runtime.committed_step()
+        if committed is None:
+            committed = self._runtime.committed_step()
         if committed is None or committed >= latest.step:
+            return False
+        if generation is not None and latest.generation < generation:
             return False
         target = next(info for info in segment.slots() if info.slot != latest.slot)
         return target.sealed and target.step == committed
 
-    def wait_until_safe(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the pending commit that makes the next write safe."""
+    def pending_step(self) -> tuple[int, int] | None:
+        """(step, generation) of the newest sealed snapshot of this worker."""
+        self.finish()
+        latest = None if self._segment is None else self._segment.latest()
+        return None if latest is None else (latest.step, latest.generation)
+
+    def wait_until_safe(self, timeout: float, generation: int, beat: Callable[[], None] | None = None,
+                        cancelled: Callable[[], bool] | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the pending commit that makes the next write safe; calls
+        ``beat`` while waiting (the worker is alive, only waiting for its peers' snapshots to commit) and
+        gives up at once when ``cancelled()`` (a new generation was announced: the pending step is fenced
+        off and will never commit).
+
+        Every rank snapshots the same steps, so the pending step commits once the slowest rank has sealed
+        it and its copies are placed: waiting (rather than skipping this snapshot on one rank only, which
+        would leave the ranks holding different uncommitted steps that can never commit) keeps every rank's
+        segment on the same steps."""
+        if not self.overwrites_committed(generation):
+            return True
         deadline = time.monotonic() + timeout
-        while self.overwrites_committed():
-            if time.monotonic() >= deadline:
+        while True:
+            if not self.overwrites_committed(generation, self._runtime.poll_committed()):
+                return True
+            if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
                 return False
-            time.sleep(0.005)
-        return True
+            if beat is not None:
+                beat()
+            time.sleep(COMMIT_POLL_S)
 
     def write(self, captured: Captured, *, step: int, generation: int) -> float:
-        """Copy ``captured`` into the segment and seal it as ``step``; returns the blocking time in seconds."""
+        """Copy ``captured`` into the segment and seal it as ``step``; returns the blocking time in seconds.
+        With the copy overlapped (see the module docstring) it returns once the copy is queued, and the
+        snapshot is sealed and reported by ``finish``."""
+        self.finish()
         began = time.perf_counter()
         nbytes = required_capacity(captured)
         layout = captured.layout()
         if self._layout is not None and layout != self._layout:
             self._log_layout_change(self._layout, layout, step)
-        segment = self._segment_for(nbytes)
+        segment = self._segment_for(nbytes, len(captured.meta))
         if segment.capacity < nbytes:
             raise StateError(
                 f"The runtime gave segment {segment.name!r} of {segment.capacity} bytes per slot for a snapshot of "
                 f"{nbytes} bytes (step {step}); the runtime must honour segment_for(nbytes)."
             )
+        overlapped = self._overlap_tensors(captured)
         try:
-            segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta)
+            pending = self._store(segment, captured, overlapped, step, generation)
         except StoreSpaceError as exc:
             log.warning(
                 "snapshot of step %d does not fit segment %s (%s); asking for a bigger one", step, segment.name, exc
             )
             segment = self._segment_for(nbytes + nbytes // 4 + (1 << 20))
-            segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta)
-        segment.seal()
+            pending = self._store(segment, captured, overlapped, step, generation)
         stall = time.perf_counter() - began
         self._layout = layout
+        if pending is not None and not pending.sealed:
+            self._inflight = _InFlight(pending, nbytes, stall)
+            return stall
         self.last_stall_s = stall
-        self._runtime.sealed(step, generation, nbytes)
+        self._runtime.sealed(step, generation, nbytes, stall_s=stall)
         events.emit("snapshot.sealed", step=step, stall_s=round(stall, 6), bytes=nbytes)
         return stall
+
+    @staticmethod
+    def _store(segment: Segment, captured: Captured, overlapped: dict[str, torch.Tensor] | None, step: int,
+               generation: int) -> PendingWrite | None:
+        if overlapped is None:
+            segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta)
+            segment.seal()
+            return None
+        return segment.write_async(overlapped, step=step, generation=generation, meta=captured.meta)
+
+    def _overlap_tensors(self, captured: Captured) -> dict[str, torch.Tensor] | None:
+        """The tensors to write with the copy overlapped (unguarded CUDA tensors cloned), or None: write
+        synchronously (no CUDA tensor, no CUDA-enabled native store, or no GPU memory for the clones)."""
+        if not any(t.device.type == "cuda" for t in captured.tensors.values()):
+            return None
+        if self._overlap is None:
+            self._overlap = Segment.overlap_available()
+        if not self._overlap:
+            return None
+        guarded = self._guarded_storages()
+        out = {}
+        try:
+            for key, t in captured.tensors.items():
+                if t.device.type == "cuda" and t.numel() and t.untyped_storage().data_ptr() not in guarded:
+                    t = t.clone()  # nothing stops the next step from changing it in place: copy a private clone
+                out[key] = t
+        except torch.cuda.OutOfMemoryError as exc:
+            log.warning("no GPU memory to clone unguarded state for an overlapped snapshot (%s); copying synchronously",
+                        str(exc).splitlines()[0])
+            return None
+        return out
+
+    def _guarded_storages(self) -> set[int]:
+        """Storage addresses of every parameter and state tensor of the guarded optimizers."""
+        out: set[int] = set()
+        for optimizer in list(self._guarded):
+            for group in optimizer.param_groups:
+                out.update(p.untyped_storage().data_ptr() for p in group["params"])
+            for state in optimizer.state.values():
+                out.update(v.untyped_storage().data_ptr() for v in state.values() if isinstance(v, torch.Tensor))
+        return out
+
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer.step()`` first wait for the overlapped snapshot in flight (a step pre-hook), so
+        that its parameters and state are copied in place rather than cloned. Idempotent."""
+        if optimizer in self._guarded:
+            return
+        optimizer.register_step_pre_hook(self._before_step)
+        self._guarded.add(optimizer)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        flight = self._inflight
+        if flight is None:
+            return
+        if flight.pending.done():
+            self.finish()
+        else:  # the step's kernels wait for the copy on the GPU; this thread goes on (``poll``/``finish`` seal)
+            flight.pending.stream_wait()
+
+    def copy_done(self) -> bool:
+        """True when no overlapped copy is in flight or it has finished (``poll`` then seals without waiting)."""
+        flight = self._inflight
+        return flight is None or flight.pending.done()
+
+    def poll(self) -> float | None:
+        """Seal and report the overlapped snapshot if its copy has finished (never blocks on the copy)."""
+        flight = self._inflight
+        if flight is not None and flight.pending.done():
+            return self.finish()
+        return None
+
+    def finish(self) -> float | None:
+        """Wait for the overlapped snapshot in flight (if any), seal it and tell the runtime; returns its
+        stall (launch time + the time this call blocked), None when nothing was in flight."""
+        flight = self._inflight
+        if flight is None:
+            return None
+        self._inflight = None
+        began = time.perf_counter()
+        info = flight.pending.wait()
+        stall = flight.launch_s + (time.perf_counter() - began)
+        self.last_stall_s = stall
+        self._runtime.sealed(info.step, info.generation, flight.nbytes, stall_s=stall)
+        events.emit("snapshot.sealed", step=info.step, stall_s=round(stall, 6), bytes=flight.nbytes)
+        return stall
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an overlapped snapshot is still unsealed (``finish`` seals it)."""
+        return self._inflight is not None
 
     def _log_layout_change(self, old: dict, new: dict, step: int) -> None:
         added = sorted(set(new) - set(old))
@@ -135,14 +282,27 @@ class SnapshotWriter:
         )
 
     def close(self) -> None:
+        try:
+            self.finish()
+        except StoreError as exc:
+            log.warning("the overlapped snapshot in flight could not be sealed at close: %s", exc)
         if self._segment is not None:
             self._segment.close()
             self._segment = None
 
 
+@dataclass
+class _InFlight:
+    pending: PendingWrite
+    nbytes: int
+    launch_s: float
+
+
 def load_snapshot(source: RestoreSource, writer: SnapshotWriter | None = None) -> LoadedSnapshot:
     """Read and verify the committed snapshot ``source`` names (fresh CPU tensors + unpickled meta)."""
     began = time.perf_counter()
+    if writer is not None:
+        writer.finish()  # the restore writes into the tensors an overlapped copy may still read
     own = writer is not None and writer.segment is not None and writer.segment.name == source.segment
     segment = writer.segment if own else Segment.open(source.segment)
     try:

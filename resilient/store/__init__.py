@@ -8,9 +8,10 @@ engine is ``resilient._native`` when built, else the pure-Python twin (``_loader
 from resilient.store._loader import backend, is_native
 from resilient.store.layout import SlotIndex, TensorSpec
 from resilient.store.registry import SegmentInfo, list_segments, reclaim_stale, segment_path
-from resilient.store.segment import Segment, SlotInfo, Snapshot
+from resilient.store.segment import PendingWrite, Segment, SlotInfo, Snapshot
 
 __all__ = [
+    "PendingWrite",
     "Segment",
     "SegmentInfo",
     "SlotIndex",

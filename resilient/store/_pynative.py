@@ -303,4 +303,4 @@ cuda_set_device = register = unregister = _no_cuda
 stream_create = stream_destroy = stream_synchronize = stream_wait_event = _no_cuda
 copy_d2h_async = copy_h2d_async = _no_cuda
 event_create = event_destroy = event_record = event_query = event_synchronize = _no_cuda
-event_elapsed_ms = crc32c_device = _no_cuda
+event_elapsed_ms = crc32c_device = crc32c_device_async = _no_cuda

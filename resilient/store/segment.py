@@ -97,6 +97,7 @@ class Segment:
         self._base = ctypes.addressof(self._anchor)
         self._be = backend()
         self._pending: _Pending | None = None
+        self._inflight: PendingWrite | None = None  # the write_async whose copies may still run
         self._cuda = None  # resilient.store._cuda.CudaPath, created on first CUDA tensor
 
     # --- construction ---------------------------------------------------------------------------------
@@ -340,7 +341,68 @@ class Segment:
 
     def write(self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b"") -> None:
         """Copy tensors + meta into the inactive slot (checksummed); ``seal`` publishes it."""
+        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta)
+        if gpu:
+            base = self._base + self._header.data_offset_of(slot)
+            crcs = self._cuda_path().write(
+                [(base + index.tensors[i].offset, order[i]) for i in gpu], self.chunk_size
+            )
+            for i, c in zip(gpu, crcs):
+                per_tensor[i] = c
+        self._pending = self._index_written(slot, step, generation, index, per_tensor, meta_crcs)
+
+    def write_async(
+        self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b""
+    ) -> "PendingWrite":
+        """Like ``write`` + ``seal``, but CUDA tensors are copied on a side stream while the caller goes on.
+
+        CPU tensors and meta are copied (and checksummed) before this returns; CUDA tensors are queued: the
+        D2H copy into the registered mapping and the GPU CRC32C kernels run on side streams after an event
+        recorded on the caller's current stream. ``PendingWrite.wait()`` completes the checksums and seals;
+        until then the caller must not change the CUDA tensors (the slot's previous snapshot stays the
+        latest one). A write while one is pending waits for it first. Without CUDA tensors, or without a
+        CUDA-enabled native module, everything is copied and sealed here and the result is already done."""
+        self.wait_pending()
         self._check_open()
+        gpu_any = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" and t.numel() for t in tensors.values())
+        if not gpu_any or not self._cuda_path().can_overlap:
+            self.write(tensors, step=step, generation=generation, meta=meta)
+            return PendingWrite(self, None, self.seal())
+        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta)
+        base = self._base + self._header.data_offset_of(slot)
+        ticket = self._cuda_path().write_async(
+            [(base + index.tensors[i].offset, order[i]) for i in gpu], self.chunk_size
+        )
+        pending = PendingWrite(self, _InFlight(ticket, slot, step, generation, index, per_tensor, gpu, meta_crcs), None)
+        self._inflight = pending
+        return pending
+
+    @staticmethod
+    def overlap_available() -> bool:
+        """Whether ``write_async`` of CUDA tensors overlaps the copy here (CUDA-enabled native module)."""
+        be = backend()
+        return hasattr(be, "crc32c_device_async") and bool(be.cuda_available())
+
+    def wait_pending(self) -> SlotInfo | None:
+        """Finish the ``write_async`` in flight, if any (blocks until its copy landed; seals it)."""
+        pending = self._inflight
+        return None if pending is None else pending.wait()
+
+    def _complete(self, flight: "_InFlight") -> SlotInfo:
+        """Called by ``PendingWrite.wait``: the copies landed; write the index and publish the slot."""
+        self._check_open()
+        crcs = flight.ticket.wait()
+        for i, c in zip(flight.gpu, crcs):
+            flight.per_tensor[i] = c
+        p = self._index_written(flight.slot, flight.step, flight.generation, flight.index, flight.per_tensor,
+                                flight.meta_crcs)
+        self._publish(p.slot, p.step, p.generation, p.index.nbytes, p.blob)
+        return SlotInfo(p.slot, p.step, p.generation, p.index.nbytes, True)
+
+    def _begin_write(self, tensors: dict[str, torch.Tensor], meta: bytes):
+        """Plan, invalidate the inactive slot, copy CPU tensors and meta; returns what the CUDA part needs."""
+        self._check_open()
+        self.wait_pending()
         meta = bytes(meta)
         index, order = self._plan(tensors, meta)
         blob_size = len(SlotIndex(index.tensors, index.meta_offset, index.meta_nbytes, index.chunk,
@@ -370,24 +432,22 @@ class Segment:
                 per_tensor[i] = list(flat[pos : pos + k])
                 pos += k
         gpu = [i for i, t in enumerate(order) if t.device.type == "cuda" and index.tensors[i].nbytes]
-        if gpu:
-            crcs = self._cuda_path().write(
-                [(base + index.tensors[i].offset, order[i]) for i in gpu], self.chunk_size
-            )
-            for i, c in zip(gpu, crcs):
-                per_tensor[i] = c
         if meta:
             moff = self._header.data_offset_of(slot) + index.meta_offset
             self._mm[moff : moff + len(meta)] = meta
-            meta_crcs = self._be.checksum_batch([base + index.meta_offset], [len(meta)], self.chunk_size)
+            meta_crcs = list(self._be.checksum_batch([base + index.meta_offset], [len(meta)], self.chunk_size))
         else:
             meta_crcs = []
+        return slot, index, order, per_tensor, gpu, meta_crcs
+
+    def _index_written(self, slot: int, step: int, generation: int, index: SlotIndex,
+                       per_tensor: list[list[int] | None], meta_crcs: list[int]) -> _Pending:
         crcs = [c for lst in per_tensor for c in (lst or [])] + list(meta_crcs)
         index = SlotIndex(index.tensors, index.meta_offset, index.meta_nbytes, index.chunk, tuple(crcs))
         blob = index.encode()
         start = self._header.index_offset(slot)
         self._mm[start : start + len(blob)] = blob
-        self._pending = _Pending(slot, step, generation, index, blob)
+        return _Pending(slot, step, generation, index, blob)
 
     def seal(self) -> SlotInfo:
         """Publish the slot written by the last ``write``: it becomes the latest sealed snapshot."""
@@ -550,6 +610,7 @@ class Segment:
     def _prepare_receive(self) -> int:
         """Invalidate the inactive slot for an incoming transfer; returns it."""
         self._check_open()
+        self.wait_pending()
         latest = self._latest_slot()
         slot = 0 if latest is None else 1 - latest
         self._pending = None
@@ -574,6 +635,11 @@ class Segment:
         """Unmap the segment (the file stays; ``unlink`` removes it)."""
         if self._mm is None:
             return
+        if self._inflight is not None:
+            try:
+                self._inflight.wait()  # the copies read device memory into this mapping: finish them first
+            except StoreError as exc:
+                _log.warning("segment %s closes with an unfinished asynchronous write (not sealed): %s", self.name, exc)
         if self._cuda is not None:
             self._cuda.close()
             self._cuda = None
@@ -604,6 +670,74 @@ class Segment:
 
     def __repr__(self) -> str:
         return f"Segment({self.name!r}, job={self.job!r}, rank={self.rank}, capacity={self.capacity})"
+
+
+@dataclass
+class _InFlight:
+    ticket: object  # resilient.store._cuda.CudaTicket
+    slot: int
+    step: int
+    generation: int
+    index: SlotIndex
+    per_tensor: list
+    gpu: list[int]
+    meta_crcs: list[int]
+
+
+class PendingWrite:
+    """A ``Segment.write_async`` whose device-to-host copies may still run.
+
+    ``done()`` polls without blocking; ``wait()`` blocks until the copies and GPU checksums landed, writes
+    the slot's index and seals it, and returns its ``SlotInfo`` (later calls return the same). Until then
+    the snapshot's CUDA tensors must not change, except by kernels queued after ``stream_wait()``.
+    ``step``, ``generation`` and ``nbytes`` describe it.
+    """
+
+    def __init__(self, segment: Segment, flight: _InFlight | None, info: SlotInfo | None) -> None:
+        self._segment = segment
+        self._flight = flight
+        self._info = info
+        self._error: BaseException | None = None
+        src = flight if flight is not None else info
+        self.step, self.generation = src.step, src.generation
+        self.nbytes = flight.index.nbytes if flight is not None else info.nbytes
+
+    @property
+    def sealed(self) -> bool:
+        return self._info is not None
+
+    def done(self) -> bool:
+        """True once ``wait()`` would not block (the copies landed, or it already sealed)."""
+        return self._info is not None or self._error is not None or self._flight.ticket.done()
+
+    def stream_wait(self, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Make ``stream`` (default: the current stream of each device involved) wait on the GPU until the
+        copies finished, without blocking this thread: kernels queued there afterwards may change the
+        snapshot's tensors. Sealing still takes ``wait()``."""
+        if self._info is None and self._error is None:
+            self._flight.ticket.stream_wait(stream)
+
+    def wait(self) -> SlotInfo:
+        if self._info is not None:
+            return self._info
+        if self._error is not None:
+            raise StoreError(
+                f"The asynchronous write of step {self.step} failed earlier: {self._error}"
+            ) from self._error
+        try:
+            self._info = self._segment._complete(self._flight)
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            if self._segment._inflight is self:
+                self._segment._inflight = None
+            self._flight = None if self._info is not None else self._flight
+        return self._info
+
+    def __repr__(self) -> str:
+        state = "sealed" if self._info is not None else ("failed" if self._error is not None else "in flight")
+        return f"PendingWrite(step={self.step}, generation={self.generation}, nbytes={self.nbytes}, {state})"
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,15 @@ the copy, and a restore brings back the snapshot bit for bit."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 
 import pytest
 import torch
 
+from resilient import env
 from resilient.elastic.context import Context
 from resilient.elastic.snapshots import SnapshotWriter
 from resilient.store import Segment, backend
@@ -34,6 +38,16 @@ class Blob(torch.nn.Module):
             for _ in range(nbytes // PARAM_BYTES)
         )
         self.register_buffer("count", torch.zeros(1000, device=device))  # unguarded: cloned before the copy
+
+
+@pytest.fixture
+def shm_dir(monkeypatch):
+    """This test's segments (about 3 GB) under $RESILIENT_SHM_DIR when set (a large tmpfs), else /dev/shm."""
+    base = os.environ.get(env.SHM_DIR) or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+    path = tempfile.mkdtemp(prefix="resilient-test-overlap-", dir=base)
+    monkeypatch.setenv(env.SHM_DIR, path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
 from resilient.store import _loader, _pynative
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-CHILD = os.path.join(HERE, "store_child.py")
 
 
 @pytest.fixture
@@ -43,14 +38,3 @@ def engine(request, monkeypatch):
     monkeypatch.setattr(segment_mod, "backend", lambda: request.param)
     monkeypatch.setattr(transport_mod, "backend", lambda: request.param)
     return request.param
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def spawn_child(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, CHILD, *args], env=child_env(), text=True, **kwargs)

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from conftest import spawn_child
+from store_children import spawn_child
 from resilient.store import Segment
 from store_child import pattern
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -114,3 +116,87 @@ def test_events_record_query_and_sync():
         be.event_destroy(ev)
     finally:
         be.stream_destroy(stream)
+
+
+def _busy(dev: torch.device, iters: int = 60) -> torch.Tensor:
+    """Queue a long run of matmuls on the current stream (tens of ms) and return its result."""
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(iters):
+        a = (a @ a).clamp_(-1, 1)
+    return a
+
+
+def test_write_async_round_trip_bit_exact_and_gpu_crcs_equal_cpu(shm_dir):
+    dev = torch.device("cuda", 0)
+    state = {
+        "w": torch.randn(3_000_001, device=dev),
+        "h": torch.randn(4097, device=dev).to(torch.bfloat16),
+        "i": torch.randint(-(2**40), 2**40, (1000,), device=dev, dtype=torch.int64),
+        "cpu": torch.arange(100, dtype=torch.float64),
+        "empty": torch.empty(0, device=dev),
+    }
+    seg = Segment.create("gpu-async-rt", 64 * MB, job="gpu", rank=0, shm_dir=shm_dir, chunk_size=MB)
+    try:
+        pending = seg.write_async(state, step=4, generation=1, meta=b"async")
+        info = pending.wait()
+        assert (info.step, info.generation) == (4, 1) and seg.latest() == info
+        snap = seg.read()  # verifies every chunk on the host against the CRCs the GPU computed
+        assert snap.meta == b"async"
+        for k, t in state.items():
+            assert same_bits(snap.tensors[k], t), k
+        index = seg.slot_index(info.slot)
+        arena = seg.slot_address(info.slot)
+        regions = index.regions()
+        host = list(be.checksum_batch([arena + off for _, off, _ in regions], [n for _, _, n in regions], MB))
+        assert list(index.crcs) == host  # GPU per-chunk CRC32C == the CPU reference over the landed bytes
+        seg.write(state, step=5, generation=1, meta=b"async")
+        sync = seg.slot_index(seg.seal().slot).crcs
+        assert sync == index.crcs  # the same checksums as the synchronous path
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def test_write_async_done_false_then_true_and_sees_queued_kernels(shm_dir):
+    dev = torch.device("cuda", 0)
+    x = torch.zeros(64 * MB // 4, device=dev)
+    seg = Segment.create("gpu-async-done", 64 * MB, job="gpu", rank=0, shm_dir=shm_dir)
+    try:
+        seg.write_async({"x": x}, step=0, generation=0).wait()  # registers the mapping
+        torch.cuda.synchronize(dev)
+        _busy(dev)
+        x.fill_(7.0)  # queued after the matmuls on the current stream: the copy must see it
+        pending = seg.write_async({"x": x}, step=1, generation=0)
+        assert not pending.done()  # the copy waits for the matmuls queued before it
+        assert seg.latest().step == 0  # not published before wait()
+        deadline = time.monotonic() + 60
+        while not pending.done():
+            assert time.monotonic() < deadline, "the asynchronous copy never finished"
+            time.sleep(0.001)
+        assert pending.done() and not pending.sealed
+        info = pending.wait()
+        assert info.step == 1 and pending.sealed and pending.done()
+        assert torch.equal(seg.read().tensors["x"], torch.full((64 * MB // 4,), 7.0))
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def test_second_write_async_waits_for_the_first_and_stream_wait_orders_mutation(shm_dir):
+    dev = torch.device("cuda", 0)
+    x = torch.full((16 * MB // 4,), 1.0, device=dev)
+    seg = Segment.create("gpu-async-two", 16 * MB, job="gpu", rank=0, shm_dir=shm_dir)
+    try:
+        seg.write_async({"x": x}, step=0, generation=0).wait()
+        _busy(dev)
+        first = seg.write_async({"x": x}, step=1, generation=0)
+        first.stream_wait()  # later kernels of the current stream run after the copy
+        x.fill_(2.0)  # must not reach snapshot 1
+        second = seg.write_async({"x": x}, step=2, generation=0)
+        assert first.sealed  # the second write finished the first before starting
+        assert second.wait().step == 2
+        assert torch.equal(seg.read(step=1).tensors["x"], torch.full((16 * MB // 4,), 1.0))
+        assert torch.equal(seg.read(step=2).tensors["x"], torch.full((16 * MB // 4,), 2.0))
+    finally:
+        seg.close()
+        seg.unlink()

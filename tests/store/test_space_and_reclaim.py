@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from conftest import spawn_child
+from store_children import spawn_child
 from resilient.errors import StoreSpaceError
 from resilient.store import Segment, list_segments, reclaim_stale
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import spawn_child
+from store_children import spawn_child
 from resilient.errors import TransportError
 from resilient.store import Segment
 from resilient.store.transport import BulkReceiver, send_slot
