@@ -99,7 +99,9 @@ def test_overlapped_snapshot_blocks_less_than_the_copy_and_restores_bitwise(loca
         model.count.add_(1.0)  # a buffer changed by the next forward: the snapshot holds its clone
         opt.step()  # the step pre-hook orders the update after the copy on the GPU, without blocking
         torch.cuda.synchronize(dev)
-        assert writer.poll() is not None and not writer.in_flight
+        writer.poll()  # seals it here unless the step pre-hook already did (the copy had finished)
+        assert not writer.in_flight
+        assert writer.segment.latest().step == ctx.completed_steps  # the overlapped snapshot is sealed
         stall = writer.last_stall_s
         blocked = launch + stall  # conservative: the writer's stall already counts its part of the launch
         assert blocked < sync_copy, f"blocked {blocked:.4f}s (stall {stall:.4f}s), synchronous {sync_copy:.4f}s"
