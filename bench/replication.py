@@ -8,10 +8,14 @@ both hosts (it includes verifying the sealed slot, the receiver's checksums and 
 ``tcp_gbps`` = the same bytes blasted in both directions at once between the same two processes with the
 store backend's raw ``blast_send``/``blast_recv`` (no checksums, no protocol). Best of ``--repeat``.
 
-``host_loss_recovery_s`` needs the full agent and launcher (a host's death to the next finished step); it
-is null here, with a note, until the end-to-end harness measures it.
+``host_loss_recovery_s``: two real ``resilient-run`` agents as two hosts (``--nnodes 1:2``, each with its
+own shared-memory directory), each worker holding ``--gb`` GiB of protected state (this file run with
+``--worker``). Once a step with that state is committed (so replicated), host 0 dies: all its processes are
+SIGSTOPped (silence, no connection reset reaches the peer), SIGKILLed one second later, and its segments
+removed. The figure is the time from the SIGSTOP to host 1's first completed step in the next generation
+(events carry CLOCK_MONOTONIC, the same clock as this process). ``--no-host-loss`` skips it.
 
-    python bench/replication.py [--gb 1.0] [--repeat 3]
+    python bench/replication.py [--gb 1.0] [--repeat 3] [--lease-ttl 5]
 
 Prints one JSON line: {"replication_gbps", "tcp_gbps", "ratio", "lease_ttl_s", "host_loss_recovery_s",
 "snapshot_host_bytes", ...}.
@@ -121,14 +125,141 @@ def _host(index: int, conn, endpoints: tuple[str, ...], job: str, shm_dir: str, 
         conn.send("stopped")
 
 
+def _worker(argv: list[str]) -> None:
+    """The training script of the host-loss measurement: ``--gb`` GiB of protected state, a tiny collective
+    per step (so a lost peer is noticed the way a real job notices it)."""
+    wp = argparse.ArgumentParser()
+    wp.add_argument("--gb", type=float, default=1.0)
+    wp.add_argument("--steps", type=int, default=100000)
+    wp.add_argument("--sleep", type=float, default=0.05)
+    a = wp.parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
+    import resilient
+
+    class Ballast(torch.nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.register_buffer("ballast", torch.ones(n, dtype=torch.float32))
+            self.register_buffer("counter", torch.zeros(1, dtype=torch.float64))
+
+    @resilient.elastic(seed=0)
+    def train(ctx) -> None:
+        model = Ballast(int(a.gb * (1 << 30)) // 4)
+        ctx.protect(model=model)
+        for _step in ctx.steps(a.steps):
+            t = torch.ones(1, dtype=torch.float64)
+            if ctx.world_size > 1:
+                dist.all_reduce(t)
+            model.counter += t
+            time.sleep(a.sleep)
+
+    train()
+
+
+def _wait_event(path: str, pred, timeout: float, what: str, procs=()) -> dict:
+    from resilient import events
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            for e in events.read(path):
+                if pred(e):
+                    return e
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit(f"an agent exited while waiting for {what}")
+        time.sleep(0.05)
+    raise SystemExit(f"no {what} within {timeout:.0f}s (events in {path})")
+
+
+def host_loss(gb: float, lease_ttl: int, workdir: str) -> dict:
+    """Two agents, host 0 dies (silence, then kill and shm removed); host 1's recovery (see the docstring)."""
+    import signal
+    import subprocess
+
+    from resilient.testing.etcd import running_etcd
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shm_root = tempfile.mkdtemp(prefix="rsl-bench-hostloss-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    job = f"bench-hostloss-{os.getpid()}"
+    procs, logs = [], []
+    try:
+        with running_etcd() as etcd:
+            paths = []
+            for i in range(2):
+                shm = os.path.join(shm_root, f"h{i}")
+                os.makedirs(shm)
+                ev = os.path.join(workdir, f"h{i}.events.jsonl")
+                paths.append(ev)
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "RESILIENT_SHM_DIR": shm,
+                       "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+                cmd = [sys.executable, "-m", "resilient.run", "--event-log", ev, "--nnodes", "1:2",
+                       "--nproc-per-node", "1", "--rdzv-endpoint", etcd.endpoints[0], "--rdzv-id", job,
+                       "--lease-ttl", str(lease_ttl), "--replicas", "2", "--snapshot-every", "20",
+                       "--node-id", f"h{i}", os.path.abspath(__file__), "--worker", "--gb", str(gb)]
+                log = open(os.path.join(workdir, f"h{i}.log"), "wb")
+                logs.append(log)
+                procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+            first = _wait_event(paths[1], lambda e: e["kind"] == "ckpt.committed", 600,
+                                "a committed step of the big state", procs)
+            gen = first["gen"]
+            time.sleep(0.5)
+            t_dead = time.monotonic()
+            os.killpg(procs[0].pid, signal.SIGSTOP)
+            time.sleep(1.0)
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            procs[0].wait(10)
+            shutil.rmtree(os.path.join(shm_root, "h0"), ignore_errors=True)
+            step = _wait_event(paths[1], lambda e: e["kind"] == "step.done" and (e.get("gen") or 0) > gen, 300,
+                               "host 1's first step after the loss", procs[1:])
+            from resilient import events
+
+            evs = events.read(paths[1])
+            formed = next((e for e in evs if e["kind"] == "gen.formed" and e.get("gen", 0) > gen and "reason" in e), {})
+            restore = next((e for e in evs if e["kind"] == "restore.done" and e["mono"] > t_dead), {})
+            return {
+                "host_loss_recovery_s": round(step["mono"] - t_dead, 3),
+                "host_loss_detect_s": round(formed["mono"] - t_dead, 3) if formed else None,
+                "host_loss_restore": {k: restore.get(k) for k in ("origin", "step", "seconds")} if restore else None,
+                "committed_before_loss": first["step"],
+            }
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(10)
+        for log in logs:
+            log.close()
+        shutil.rmtree(shm_root, ignore_errors=True)
+
+
 def main() -> None:
+    if "--worker" in sys.argv[1:]:
+        argv = sys.argv[1:]
+        argv.remove("--worker")
+        _worker(argv)
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=1.0, help="GiB of snapshot state per host (default 1)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--lease-ttl", type=int, default=5, help="lease TTL of the host-loss agents (s)")
+    ap.add_argument("--no-host-loss", action="store_true", help="skip the host-loss measurement")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     args = ap.parse_args()
     nbytes = int(args.gb * (1 << 30)) // 4096 * 4096
+    loss: dict = {"host_loss_recovery_s": None}
+    if not args.no_host_loss:
+        with tempfile.TemporaryDirectory(prefix="rsl-bench-hostloss-") as workdir:
+            loss = host_loss(args.gb, args.lease_ttl, workdir)
+    if args.no_throughput:
+        print(json.dumps({"lease_ttl_s": args.lease_ttl, **loss, "state_bytes_per_host": nbytes}))
+        return
 
-    from resilient.config import Timeouts
     from resilient.rendezvous.model import Assignment, NodeEntry, NodeInfo
     from resilient.testing.etcd import running_etcd
 
@@ -199,15 +330,14 @@ def main() -> None:
         "replication_gbps": round(best_repl, 3),
         "tcp_gbps": round(best_tcp, 3),
         "ratio": round(best_repl / best_tcp, 3),
-        "lease_ttl_s": Timeouts.from_lease_ttl().lease_ttl,
-        "host_loss_recovery_s": None,
+        "lease_ttl_s": args.lease_ttl,
+        **loss,
         "snapshot_host_bytes": host_bytes,
         "state_bytes_per_host": nbytes,
         "backend": hello[0]["native"],
         "skipped": skipped,
         "runs_replication_gbps": [round(x, 3) for x in repl],
         "runs_tcp_gbps": [round(x, 3) for x in tcp],
-        "note": "host_loss_recovery_s needs the full agent + launcher (end-to-end harness); null until measured there",
     }))
 
 

@@ -98,3 +98,20 @@ class JobKeys:
     @property
     def closer(self) -> str:
         return f"{self.prefix}closer"
+
+    # --- per-shard durable persistence (several agents write one checkpoint; one commits its manifest) ---
+    @property
+    def persist_request(self) -> str:
+        """``persisted/request``: the step the manifest committer asks every writer to persist."""
+        return f"{self.prefix}persisted/request"
+
+    def persist_shard(self, step: int, rank: int) -> str:
+        """``persisted/shards/<step>/<rank>``: one writer's result for one shard (entry, or the error)."""
+        return f"{self.prefix}persisted/shards/{step:012d}/{rank:06d}"
+
+    def persist_step_prefix(self, step: int) -> str:
+        return f"{self.prefix}persisted/shards/{step:012d}/"
+
+    @property
+    def persist_shards_prefix(self) -> str:
+        return f"{self.prefix}persisted/shards/"

@@ -217,3 +217,30 @@ def from_json(text: str | bytes, *, where: str = "?") -> Manifest:
             f"the checkpoint is incomplete."
         )
     return manifest
+
+
+def shard_entry_to_dict(entry: ShardEntry) -> dict[str, Any]:
+    """One shard's manifest entry as JSON-able data (the manifest's own shard format), so that a writer
+    holding only that shard can hand its entry to the agent that commits the manifest."""
+    return {
+        "rank": entry.rank, "file": entry.file, "bytes": entry.bytes, "crc32": entry.crc32,
+        "meta_bytes": entry.meta_bytes,
+        "tensors": {t.name: {"dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end], "crc32": t.crc32}
+                    for t in entry.tensors},
+    }
+
+
+def shard_entry_from_dict(s: dict[str, Any], *, where: str = "?") -> ShardEntry:
+    """The inverse of ``shard_entry_to_dict``; ``CheckpointCorruptError`` naming ``where`` if malformed."""
+    try:
+        return ShardEntry(
+            rank=int(s["rank"]), file=str(s["file"]), bytes=int(s["bytes"]), crc32=int(s["crc32"]),
+            meta_bytes=int(s["meta_bytes"]),
+            tensors=file_order(
+                TensorEntry(name=name, dtype=str(t["dtype"]), shape=tuple(int(d) for d in t["shape"]),
+                            begin=int(t["offsets"][0]), end=int(t["offsets"][1]), crc32=int(t["crc32"]))
+                for name, t in s["tensors"].items()
+            ),
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise CheckpointCorruptError(f"Shard entry {where} lacks or mangles field {exc}.") from exc

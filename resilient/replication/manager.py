@@ -15,17 +15,27 @@ blocked and the previous committed step stays the restore point.
 Restore (``prepare_restore``): the committed step only; the local copy when present and verified, else
 each holder in the restore plan in turn (``Pull``: the holder verifies its copy, reports corruption
 instead of sending it, and streams it into this node's bulk receiver), every copy checked against the
-manifest's digest; a corrupt copy is reported (``ckpt.verify_failed``) and skipped.
+manifest's digest; a corrupt copy is reported (``ckpt.verify_failed``) and skipped. ``origin`` says
+where the bytes came from: ``local`` (this node's own snapshot) or ``peer:<node>`` (a replica that node
+sent here before it was lost, or a copy fetched from that holder now). When the committed
+step cannot be restored from memory (no commit at all, or a shard with no holder left among the members),
+every rank goes to the durable tier (``durable_fallback``, installed by the agent's durable wiring) so the
+ranks never mix steps; with a world-size change, any rank's verified shard serves before the disk does.
+
+``start`` binds the peer and bulk ports (port 0 picks free ones) and replaces ``node`` with the bound
+addresses (``peer_address``, ``bulk_address``): callers announce ``manager.node`` as it is after ``start``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from resilient import events
-from resilient.errors import ChecksumError, FencedError, ReplicationError, StoreError, TransportError
+from resilient.errors import ChecksumError, FencedError, ReplicationError, StoreError, StoreSpaceError, TransportError
 from resilient.etcd.api import KVStore, WatchEvent, WatchHandle
 from resilient.keys import JobKeys
 from resilient.logs import get_logger
@@ -133,6 +143,8 @@ class ShardManager(PeerHandler):
         self._watch: WatchHandle | None = None
         self.peer_address: str | None = None
         self.bulk_address: str | None = None
+        # (rank, assignment, reason) -> RestoreSource | None: restore from the durable tier
+        self.durable_fallback: Callable[[int, object, str], RestoreSource | None] | None = None
 
     # --- lifetime ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,6 +158,7 @@ class ShardManager(PeerHandler):
         self.bulk_address = f"{bhost}:{self._receiver.address[1]}"
         servicer = PeerServicer(self, self.authority)
         self._server, self.peer_address = start_server(servicer, self.node.addr, self.settings.max_message_bytes)
+        self.node = dataclasses.replace(self.node, addr=self.peer_address, bulk_addr=self.bulk_address)
         record, _ = read_commit(self.kv, self.keys)
         self._advance_committed(record)
         self._watch = self.kv.watch_prefix(self.keys.committed, self._on_commit_event)
@@ -220,6 +233,11 @@ class ShardManager(PeerHandler):
                 self._cv.notify()
         if stale is not None:
             self._skip(stale, "a newer snapshot of the rank was sealed first" if stale is not job else f"generation {generation} is not current ({current})")
+
+    def current_assignment(self):
+        """The rendezvous assignment of the newest generation this manager was told of (None before)."""
+        with self._lock:
+            return self._assignment
 
     def committed_step(self) -> int | None:
         with self._lock:
@@ -390,7 +408,11 @@ class ShardManager(PeerHandler):
             return False, f"{sender.node_id} does not own rank {ref.rank} in generation {a.generation}"
         if self.node.node_id not in p.peers(ref.rank):
             return False, f"{self.node.node_id} is not a holder of rank {ref.rank} in generation {a.generation}"
-        seg = self.local.ensure(ref.rank, own=False, nbytes=ref.nbytes)
+        try:
+            seg = self.local.ensure(ref.rank, own=False, nbytes=ref.nbytes)
+        except StoreSpaceError as exc:
+            return False, (f"{self.node.node_id} has no shared memory left for rank {ref.rank}'s shard of "
+                           f"{ref.nbytes} bytes ({exc}); give it a larger RESILIENT_SHM_DIR or lower --replicas")
         self.local.make_room(seg, (c.step, c.generation) if c is not None else None)
         with self._lock:
             self._expect[(ref.rank, ref.step, ref.shard_generation)] = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
@@ -490,38 +512,65 @@ class ShardManager(PeerHandler):
 
     def prepare_restore(self, rank: int, assignment) -> RestoreSource | None:
         """Where ``rank`` restores from in ``assignment``: a local segment holding the committed step
-        (fetched from a peer first when needed). None when no step was ever committed; ReplicationError
-        when a step is committed but no holder could supply a verified copy (fall back to durable)."""
+        (fetched from a peer first when needed), else the durable tier (see the module docstring). None
+        when nothing was ever committed or persisted; ReplicationError when no source can supply it."""
         committed, _ = read_commit(self.kv, self.keys)
         if committed is None:
-            return None
+            return self._durable(rank, assignment, "no step was ever committed in memory")
         self._advance_committed(committed)
         manifests = read_manifests(self.kv, self.keys, committed.generation, committed.step)
         held = {r for r in manifests if self.local.find(r, committed.step, committed.generation)}
-        plan = restore_mod.plan(rank, assignment.world_size, self.node.node_id, committed, manifests, held, set(assignment.node_ids))
-        if plan is None:
-            raise ReplicationError(
-                f"Step {committed.step} is committed but etcd holds no manifest of the shard rank {rank} needs; "
-                "restore from the durable tier."
-            )
+        members = set(assignment.node_ids)
+        lost = restore_mod.unrecoverable(committed, manifests, held, members, assignment.world_size)
+        if lost:
+            # decided from etcd and the membership alone, so every agent decides the same: no step mix
+            return self._durable(rank, assignment, f"committed step {committed.step} has no surviving copy of "
+                                                   f"the shards of ranks {lost}")
         t0 = time.monotonic()
+        tried: list[str] = []
+        for source in restore_mod.source_order(rank, assignment.world_size, committed, held, set(manifests)):
+            plan = restore_mod.plan(rank, assignment.world_size, self.node.node_id, committed, manifests, held,
+                                    members, source=source)
+            if plan is None:
+                continue
+            src = self._restore_from(plan, assignment, t0)
+            if src is not None:
+                return src
+            tried.append(f"rank {source}'s shard (local: {plan.local}, holders: {list(plan.peers)})")
+        return self._durable(rank, assignment, f"no verified copy of committed step {committed.step} could be "
+                                               f"fetched ({'; '.join(tried) or 'no manifest'})", required=True)
+
+    def _restore_from(self, plan: restore_mod.RestorePlan, assignment, t0: float) -> RestoreSource | None:
         if plan.local:
             for seg, slot in self.local.find(plan.source_rank, plan.step, plan.generation):
                 if self._check_copy(seg, slot, plan, self.node.node_id):
-                    return self._source(plan, seg.name, "local", t0)
+                    return self._source(plan, seg.name, self._origin_of(seg, plan), t0)
         for peer in plan.peers:
             entry = assignment.entry(peer)
             try:
                 name = self._pull(plan, peer, entry)
             except (PeerRefused, ReplicationError, TransportError, StoreError) as exc:
-                log.warning("restore of rank %d from %s failed: %s", rank, peer, exc)
+                log.warning("restore of rank %d from %s failed: %s", plan.rank, peer, exc)
                 continue
             if name is not None:
                 return self._source(plan, name, f"peer:{peer}", t0)
-        raise ReplicationError(
-            f"No verified copy of rank {plan.source_rank}'s shard of committed step {plan.step} could be fetched "
-            f"(local: {plan.local}, holders tried: {list(plan.peers)}); restore from the durable tier."
-        )
+        return None
+
+    def _origin_of(self, seg, plan: restore_mod.RestorePlan) -> str:
+        """``local`` for this node's own snapshot; ``peer:<node>`` for a replica that node sent here."""
+        if seg.name == self.local.name(plan.source_rank, True) or not plan.owner or plan.owner == self.node.node_id:
+            return "local"
+        return f"peer:{plan.owner}"
+
+    def _durable(self, rank: int, assignment, reason: str, required: bool = False) -> RestoreSource | None:
+        fallback = self.durable_fallback
+        src = fallback(rank, assignment, reason) if fallback is not None else None
+        if src is not None or not required:
+            if src is None:
+                log.info("rank %d: no restore source (%s; no durable checkpoint either)", rank, reason)
+            return src
+        raise ReplicationError(f"Rank {rank} cannot be restored: {reason}, and no durable checkpoint could be "
+                               "loaded (run with --persist-dir to have one).")
 
     def _pull(self, plan: restore_mod.RestorePlan, peer: str, entry) -> str | None:
         key = (plan.source_rank, plan.step, plan.generation)
@@ -532,7 +581,7 @@ class ShardManager(PeerHandler):
         try:
             ref = pb.ShardRef(rank=plan.source_rank, step=plan.step, shard_generation=plan.generation, nbytes=plan.nbytes,
                               world_size=plan.world_size)
-            reply = self.client.pull(entry.addr, ref, self.node.bulk_addr, timeout=self.settings.replicate_timeout_s)
+            reply = self.client.pull(entry.addr, ref, self.bulk_address, timeout=self.settings.replicate_timeout_s)
             if not reply.ok:
                 if reply.corrupt:
                     self._report_corrupt(plan.source_rank, plan.step, peer, reply.reason)

@@ -26,7 +26,7 @@ from typing import Callable
 
 import grpc
 
-from resilient.errors import ReplicationError
+from resilient.errors import ReplicationError, StoreSpaceError
 from resilient.logs import get_logger
 from resilient._proto import peer_pb2 as pb
 from resilient._proto import peer_pb2_grpc as pb_grpc
@@ -154,6 +154,13 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
             return fn()
         except PeerRefused as exc:
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except StoreSpaceError as exc:
+            log.warning("peer request refused: no room for the shard here: %s", exc)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.authority.node_id} has no shared memory left for this shard ({exc}); it refuses the copy. "
+                "Give that host a larger RESILIENT_SHM_DIR tmpfs or lower --replicas.",
+            )
         except ReplicationError as exc:
             log.warning("peer request failed: %s", exc)
             context.abort(grpc.StatusCode.INTERNAL, str(exc))

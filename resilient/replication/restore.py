@@ -5,13 +5,18 @@ Rules:
 * Same world size: rank ``r`` restores rank ``r``'s shard (per-rank state such as RNG and data position
   must come back bit for bit).
 * Different world size: model and optimizer state are identical on every data-parallel rank, so any
-  rank's shard serves; the plan prefers a shard already held on this node (no network), else
-  ``rank % old_world_size``. ``source_rank`` tells the worker whose shard it got; per-rank state is
+  rank's shard serves; the plan prefers a shard already held on this node (no network): rank
+  ``rank % old_world_size``'s when held here (a surviving host takes over a lost rank from the replica it
+  holds), else any held here, else ``rank % old_world_size`` from a peer. ``source_rank`` tells the worker whose shard it got; per-rank state is
   re-derived by the decorator.
 * Sources, cheapest first: this node's own copy; then the peers that hold a copy and are members of the
   current generation. Peers are rotated by rank so that the ranks restoring at once spread their pulls
   across all holders (striping at shard granularity), and a holder whose copy fails verification is
-  skipped and reported by the executor, which moves on to the next one.
+  skipped and reported by the executor, which moves on to the next one. After a world-size change a
+  rank whose chosen shard has no verified copy tries the other ranks' shards (``source_order``).
+* ``unrecoverable`` names the shards of the committed step that no member holds any more; it depends only
+  on etcd and the membership, so every agent reaches the same verdict and all ranks go to the durable
+  tier together (never a mix of a memory step and a disk step).
 """
 
 from __future__ import annotations
@@ -33,15 +38,48 @@ class RestorePlan:
     peers: tuple[str, ...]  # holders to pull from, in order of preference
     nbytes: int
     checksum: str
+    owner: str = ""  # node whose segment the shard was sealed in
 
 
 def source_rank_for(rank: int, world_size: int, committed: CommitRecord, held_here: Collection[int]) -> int:
     if world_size == committed.world_size:
         return rank
+    if rank % committed.world_size in held_here:
+        return rank % committed.world_size  # the same rank's shard, from a copy already here
     local = sorted(r for r in held_here if 0 <= r < committed.world_size)
     if local:
         return local[rank % len(local)]
     return rank % committed.world_size
+
+
+def source_order(rank: int, world_size: int, committed: CommitRecord, held_here: Collection[int],
+                 available: Collection[int]) -> list[int]:
+    """Shards ``rank`` may restore, best first: only its own one when the world size is unchanged; else
+    the preferred one (``source_rank_for``), then the others held here, then the rest."""
+    first = source_rank_for(rank, world_size, committed, held_here)
+    if world_size == committed.world_size:
+        return [first]
+    n = committed.world_size
+    rest = sorted(r for r in held_here if 0 <= r < n) + [(rank + k) % n for k in range(n)]
+    out = [first]
+    for r in rest:
+        if r not in out and r in available:
+            out.append(r)
+    return out
+
+
+def unrecoverable(committed: CommitRecord, manifests: Mapping[int, ShardManifest], held_here: Collection[int],
+                  members: Collection[str], world_size: int) -> list[int]:
+    """Ranks of the committed step whose shard has no copy left (not here, no holder among ``members``)
+    when the restore needs them: all shards for an unchanged world size, any one shard otherwise."""
+    def alive(r: int) -> bool:
+        m = manifests.get(r)
+        return r in held_here or (m is not None and any(h in members for h in m.holders))
+
+    gone = [r for r in range(committed.world_size) if not alive(r)]
+    if world_size == committed.world_size or len(gone) == committed.world_size:
+        return gone
+    return []
 
 
 def plan(
@@ -52,10 +90,12 @@ def plan(
     manifests: Mapping[int, ShardManifest],
     held_here: Collection[int],
     members: Collection[str],
+    source: int | None = None,
 ) -> RestorePlan | None:
-    """The restore plan of ``rank`` in a world of ``world_size``, or None when no manifest of the
-    committed step names the chosen shard (the caller falls back to the durable tier)."""
-    source = source_rank_for(rank, world_size, committed, held_here)
+    """The restore plan of ``rank`` in a world of ``world_size`` (from shard ``source``, by default the
+    one ``source_rank_for`` picks), or None when no manifest of the committed step names that shard."""
+    if source is None:
+        source = source_rank_for(rank, world_size, committed, held_here)
     manifest = manifests.get(source)
     if manifest is None:
         return None
@@ -73,4 +113,5 @@ def plan(
         peers=tuple(holders),
         nbytes=manifest.nbytes,
         checksum=manifest.checksum,
+        owner=manifest.owner,
     )

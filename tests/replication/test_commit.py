@@ -101,3 +101,22 @@ def test_token_bucket_bounds_average_rate():
     b.charge(100, 2.0)
     assert b.delay(2.5) == 0.5
     assert b.delay(100.0) == 0.0 and b.tokens == 50.0  # refill is capped at the burst
+
+
+def test_restore_world_change_takes_the_same_ranks_shard_when_held_here():
+    rec = CommitRecord(10, 3, 2, 2)
+    ms = {r: man(r, ws=2) for r in range(2)}
+    # a survivor that holds its own rank 1 and a replica of the lost rank 0 becomes rank 0 of a world of 1
+    assert restore.plan(0, 1, "z", rec, ms, {0, 1}, {"z"}).source_rank == 0
+    assert restore.source_order(0, 1, rec, {0, 1}, {0, 1}) == [0, 1]
+    assert restore.source_order(1, 2, CommitRecord(10, 3, 2, 2), {1}, {0, 1}) == [1]
+
+
+def test_unrecoverable_names_shards_without_a_live_holder():
+    rec = CommitRecord(10, 3, 3, 2)
+    ms = {0: man(0, holders=("a", "b")), 1: man(1, holders=("b", "c")), 2: man(2, holders=("c", "a"))}
+    assert restore.unrecoverable(rec, ms, set(), {"a", "b", "c"}, 3) == []
+    assert restore.unrecoverable(rec, ms, set(), {"a"}, 3) == [1]
+    assert restore.unrecoverable(rec, ms, {1}, {"a"}, 3) == []
+    assert restore.unrecoverable(rec, ms, set(), {"a"}, 2) == []  # world change: any one shard serves
+    assert restore.unrecoverable(rec, ms, set(), {"d"}, 2) == [0, 1, 2]

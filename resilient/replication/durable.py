@@ -1,0 +1,443 @@
+"""``ShardedPersist``: the durable tier when several agents hold the shards (``--persist-dir`` with more
+than one node): per-shard persistence coordinated through etcd, and restore from disk.
+
+Roles. The *committer* is the agent of group rank 0 of the current generation. Every ``every`` committed
+steps (and on SIGTERM / at job end) it publishes ``persisted/request`` = that committed step, fenced by
+its generation. Every agent watches the key and writes the shards of that step it is the writer of (the
+first holder named in the shard manifest that is a member now: the owner while it lives) with
+``write_shard``, from a private copy taken from its verified segment at once (a worker may overwrite the
+slot later), and records the result under ``persisted/shards/<step>/<rank>`` (the shard's manifest entry,
+or the error with its errno), fenced by the request's generation. The committer waits for every rank's
+result: all written -> ``commit_manifest`` (the commit point), ``persisted/latest`` (fenced), retention,
+events ``persist.commit`` and ``persist.done``; any failure or time-out -> ``persist.failed`` (errno of
+the cause, e.g. ENOSPC), the partial step directory is removed and the previous checkpoint stays latest.
+Training never waits: files are written by one background thread per agent (synchronously only for the
+final persist at SIGTERM / job end).
+
+Restore (``restore``, installed as the ShardManager's ``durable_fallback``): the newest complete
+checkpoint, the rank's shard (``rank % world_size`` of the checkpoint after a world-size change), verified
+against its crc32s, copied into a local segment; origin ``durable``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno as errno_mod
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+from resilient import events
+from resilient import failpoints as fp_mod
+from resilient.errors import (
+    CheckpointCorruptError,
+    EtcdError,
+    FencedError,
+    PersistError,
+    ResilientError,
+    StoreError,
+)
+from resilient.etcd.api import Put, WatchEvent
+from resilient.logs import get_logger
+from resilient.persist.fs import open_storage
+from resilient.persist.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    shard_entry_from_dict,
+    shard_entry_to_dict,
+    step_dir_name,
+)
+from resilient.persist.reader import latest_complete, load
+from resilient.persist.retention import apply_retention, clean_leftovers
+from resilient.persist.writer import commit_manifest, resilient_version, write_shard
+from resilient.runtime.api import RestoreSource
+
+log = get_logger(__name__)
+
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the committer asks every writer to persist."""
+
+    step: int
+    generation: int  # generation the snapshot of ``step`` was sealed in
+    world_size: int
+    fence: int  # generation the request was made in (writes on its behalf are fenced by it)
+    by: str
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> "Request":
+        try:
+            d = json.loads(raw)
+            return Request(int(d["step"]), int(d["generation"]), int(d["world_size"]), int(d["fence"]), str(d["by"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PersistError(f"Malformed persist request {raw[:200]!r}: {exc}.") from exc
+
+
+def errno_of(exc: BaseException) -> str | None:
+    """The errno name of the OS error behind ``exc`` (following causes), e.g. ``ENOSPC``."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return errno_mod.errorcode.get(cur.errno, str(cur.errno))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def writer_of(holders, members) -> str | None:
+    """The node that writes a shard to disk: its first holder that is still a member."""
+    return next((h for h in holders if h in members), None)
+
+
+class ShardedPersist:
+    """See the module docstring. ``tick`` from the agent's monitor loop; ``close`` at the end."""
+
+    def __init__(self, manager, directory: str, *, job: str, keep: int, every: int, wait_s: float = 60.0,
+                 failpoints: fp_mod.Registry | str | None = None) -> None:
+        self.m = manager
+        self.kv, self.keys = manager.kv, manager.keys
+        self.node_id = manager.node.node_id
+        self.storage = open_storage(directory)
+        self.directory = self.storage.location
+        self.job, self.keep, self.every, self.wait_s = job, keep, every, wait_s
+        self._fp = fp_mod.resolve(failpoints)
+        self._cv = threading.Condition()
+        self._io = threading.Lock()  # one capture/write/commit at a time (background or final)
+        self._tasks: collections.deque = collections.deque()
+        self._written: set[tuple[int, int]] = set()  # (step, rank) results this agent published
+        self._handled: set[int] = set()  # request steps this agent has acted on
+        self._requested: int | None = self._latest_persisted()
+        self._inflight = False
+        self._closed = False
+        self._hurry = False  # a final persist waits: the background round in progress gives up its wait
+        self._restore_lock = threading.Lock()
+        self._restored: dict[tuple[int, int], RestoreSource] = {}
+        self._thread = threading.Thread(target=self._run, name="persist-shards", daemon=True)
+        self._thread.start()
+        self._watch = self.kv.watch_prefix(self.keys.persist_request, self._on_request_event)
+        manager.durable_fallback = self.restore
+
+    # --- state -----------------------------------------------------------------------------------------
+    def _latest_persisted(self) -> int | None:
+        try:
+            kv_ = self.kv.get(self.keys.persisted_latest)
+        except EtcdError as exc:
+            log.warning("cannot read %s: %s", self.keys.persisted_latest, exc)
+            return None
+        if kv_ is None:
+            return None
+        try:
+            return int(json.loads(kv_.value)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _members(self) -> tuple[int | None, frozenset[str]]:
+        return self.m.peer_view()
+
+    def is_committer(self) -> bool:
+        a = self.m.current_assignment()
+        entry = a.entry(self.node_id) if a is not None else None
+        return entry is not None and entry.group_rank == 0
+
+    # --- the committer's trigger -------------------------------------------------------------------------
+    def tick(self, *, final: bool) -> None:
+        """From the agent's monitor loop (``final``: SIGTERM / job end, synchronous)."""
+        c = self.m.committed()
+        if c is None:
+            return
+        if final:
+            self._final(c)
+            return
+        if not self.is_committer() or self.every <= 0:
+            return
+        with self._cv:
+            if self._inflight or (self._requested is not None and c.step - self._requested < self.every):
+                return
+            self._inflight = True
+            self._requested = c.step
+        req = self._publish_request(c)
+        if req is None:
+            with self._cv:
+                self._inflight = False
+            return
+        with self._cv:
+            self._handled.add(req.step)
+            self._tasks.append(("write", req))
+            self._tasks.append(("commit", req))
+            self._cv.notify()
+
+    def _publish_request(self, c) -> Request | None:
+        gen, _ = self._members()
+        if gen is None:
+            return None
+        req = Request(c.step, c.generation, c.world_size, gen, self.node_id)
+        try:
+            self.m.rendezvous.fenced_txn(gen, [], [Put(self.keys.persist_request, req.encode())])
+        except (FencedError, EtcdError) as exc:
+            log.info("persist request for step %d not published: %s", c.step, exc)
+            return None
+        return req
+
+    def _final(self, c) -> None:
+        latest = self._latest_persisted()
+        if latest is not None and latest >= c.step:
+            return
+        committer = self.is_committer()
+        req = self._publish_request(c) if committer else None
+        if req is None:
+            gen, _ = self._members()
+            req = Request(c.step, c.generation, c.world_size, gen or 0, self.node_id)
+        self._hurry = True
+        try:
+            with self._io:
+                self._hurry = False
+                latest = self._latest_persisted()
+                if latest is not None and latest >= c.step:
+                    return  # the background round in progress persisted it meanwhile
+                with self._cv:
+                    self._handled.add(req.step)
+                self._write(req)
+                if committer:
+                    self._commit(req, wait_s=min(self.wait_s, 30.0))
+        finally:
+            self._hurry = False
+
+    # --- every agent: requests -----------------------------------------------------------------------------
+    def _on_request_event(self, event: WatchEvent) -> None:
+        if event.type != "put" or event.key != self.keys.persist_request:
+            return
+        try:
+            req = Request.decode(event.value)
+        except PersistError as exc:
+            log.warning("%s", exc)
+            return
+        with self._cv:
+            if req.step in self._handled or self._closed:
+                return
+            self._handled.add(req.step)
+            self._tasks.append(("write", req))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._tasks and not self._closed:
+                    self._cv.wait()
+                if not self._tasks:
+                    return
+                what, req = self._tasks.popleft()
+            with self._io:
+                try:
+                    if what == "write":
+                        self._write(req)
+                    else:
+                        self._commit(req, wait_s=self.wait_s)
+                finally:
+                    if what == "commit":
+                        with self._cv:
+                            self._inflight = False
+
+    # --- writing shards --------------------------------------------------------------------------------------
+    def _mine(self, req: Request) -> list[int]:
+        from resilient.replication.commit import read_manifests
+
+        _, members = self._members()
+        manifests = read_manifests(self.kv, self.keys, req.generation, req.step)
+        return sorted(r for r, m in manifests.items() if writer_of(m.holders, members) == self.node_id)
+
+    def _capture(self, rank: int, req: Request):
+        for seg, _slot in self.m.local.find(rank, req.step, req.generation):
+            try:
+                return seg.read(step=req.step, verify=True)
+            except StoreError as exc:
+                log.warning("rank %d step %d in %s cannot be persisted from here: %s", rank, req.step, seg.name, exc)
+        return None
+
+    def _write(self, req: Request) -> None:
+        try:
+            ranks = self._mine(req)
+        except (EtcdError, ResilientError) as exc:
+            log.warning("cannot tell which shards of step %d to persist: %s", req.step, exc)
+            return
+        directory = step_dir_name(req.step)
+        for rank in ranks:
+            if (req.step, rank) in self._written:
+                continue
+            shard = self._capture(rank, req)
+            if shard is None:
+                self._result(req, rank, {"ok": False, "errno": None,
+                                         "error": f"{self.node_id} no longer holds rank {rank}'s step {req.step}"})
+                continue
+            t0 = time.monotonic()
+            try:
+                if self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+                    return
+                self.storage.makedirs(directory)
+                entry = write_shard(self.storage, directory, rank, shard, failpoints=self._fp)
+            except (OSError, ResilientError) as exc:
+                code = errno_of(exc)
+                events.emit("persist.failed", step=req.step, rank=rank, errno=code, error=f"{type(exc).__name__}: {exc}",
+                            dir=self.directory)
+                log.warning("persisting rank %d of step %d failed: %s", rank, req.step, exc)
+                self._result(req, rank, {"ok": False, "errno": code, "error": str(exc)})
+                continue
+            events.emit("persist.shard", step=req.step, rank=rank, bytes=entry.bytes,
+                        seconds=round(time.monotonic() - t0, 6))
+            self._result(req, rank, {"ok": True, "node": self.node_id, "entry": shard_entry_to_dict(entry)})
+
+    def _result(self, req: Request, rank: int, body: dict) -> None:
+        try:
+            self.m.rendezvous.fenced_txn(req.fence, [], [Put(self.keys.persist_shard(req.step, rank),
+                                                             json.dumps(body).encode())])
+        except (FencedError, EtcdError) as exc:
+            log.info("result for rank %d of step %d not recorded: %s", rank, req.step, exc)
+            return
+        self._written.add((req.step, rank))
+
+    # --- the committer: manifest --------------------------------------------------------------------------
+    def _collect(self, req: Request, wait_s: float) -> tuple[dict[int, dict], str | None]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            items, _ = self.kv.get_prefix(self.keys.persist_step_prefix(req.step))
+            results = {}
+            for item in items:
+                try:
+                    results[int(item.key.rsplit("/", 1)[1])] = json.loads(item.value)
+                except (ValueError, IndexError):
+                    continue
+            bad = {r: b for r, b in results.items() if not b.get("ok")}
+            if bad:
+                r, b = min(bad.items())
+                return results, f"rank {r}: {b.get('error')}"
+            if all(r in results for r in range(req.world_size)):
+                return results, None
+            gen, _ = self._members()
+            if gen != req.fence:
+                return results, f"generation {req.fence} ended before every shard was written"
+            if time.monotonic() >= deadline or self._closed or self._hurry:
+                missing = [r for r in range(req.world_size) if r not in results]
+                return results, f"ranks {missing} were not written within {wait_s:g}s"
+            time.sleep(POLL_S)
+
+    def _commit(self, req: Request, wait_s: float) -> None:
+        directory = step_dir_name(req.step)
+        t0 = time.monotonic()
+        try:
+            results, problem = self._collect(req, wait_s)
+        except EtcdError as exc:
+            results, problem = {}, f"etcd: {exc}"
+        if problem is None and self._members()[0] != req.fence:
+            problem = f"generation {req.fence} is no longer current"
+        if problem is not None:
+            code = next((b.get("errno") for b in results.values() if not b.get("ok") and b.get("errno")), None)
+            self._fail(req, directory, code, problem)
+            return
+        try:
+            entries = tuple(shard_entry_from_dict(results[r]["entry"], where=f"rank {r}") for r in range(req.world_size))
+            import torch
+
+            manifest = Manifest(job=self.job, step=req.step, generation=req.generation, world_size=req.world_size,
+                                created=time.time(), torch_version=torch.__version__,
+                                resilient_version=resilient_version(), shards=entries)
+            bound = commit_manifest(self.storage, directory, manifest, failpoints=self._fp)
+        except (OSError, ResilientError) as exc:
+            self._fail(req, directory, errno_of(exc), f"{type(exc).__name__}: {exc}")
+            return
+        seconds = time.monotonic() - t0
+        latest = json.dumps({"step": req.step, "generation": req.generation, "location": bound.location}).encode()
+        try:
+            self.m.rendezvous.fenced_txn(req.fence, [], [Put(self.keys.persisted_latest, latest)])
+        except (FencedError, EtcdError) as exc:
+            log.warning("checkpoint of step %d is complete at %s but %s was not updated: %s", req.step,
+                        bound.location, self.keys.persisted_latest, exc)
+        events.emit("persist.commit", step=req.step, generation=req.generation, bytes=bound.total_bytes,
+                    seconds=round(seconds, 6), location=bound.location, shards=req.world_size)
+        events.emit("persist.done", step=req.step, dir=self.directory)
+        log.info("persisted step %d (%d shards, %d bytes) to %s", req.step, req.world_size, bound.total_bytes,
+                 bound.location)
+        self._tidy(req.step)
+
+    def _fail(self, req: Request, directory: str, code: str | None, problem: str) -> None:
+        events.emit("persist.failed", step=req.step, errno=code, error=problem, dir=self.directory)
+        log.warning("persisting step %d failed (%s); the previous checkpoint stays the latest", req.step, problem)
+        try:
+            if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+                self.storage.remove_tree(directory)
+        except OSError as exc:
+            log.warning("could not remove the unfinished checkpoint %s: %s", directory, exc)
+        self._tidy(req.step)
+
+    def _tidy(self, step: int) -> None:
+        """Drop the results of this and older rounds; retention; leftovers of abandoned rounds."""
+        try:
+            items, _ = self.kv.get_prefix(self.keys.persist_shards_prefix)
+            for item in items:
+                parts = item.key[len(self.keys.persist_shards_prefix):].split("/")
+                if parts and parts[0].isdigit() and int(parts[0]) <= step:
+                    self.kv.delete(item.key)
+        except EtcdError as exc:
+            log.info("persist results not cleared: %s", exc)
+        try:
+            deleted = apply_retention(self.storage, self.keep, failpoints=self._fp)
+            if deleted:
+                events.emit("persist.retention", step=step, deleted=deleted, keep=self.keep)
+            clean_leftovers(self.storage)
+        except OSError as exc:
+            log.warning("retention after step %d failed: %s", step, exc)
+
+    # --- restore -------------------------------------------------------------------------------------------
+    def restore(self, rank: int, assignment, reason: str) -> RestoreSource | None:
+        """Rank ``rank``'s state from the newest complete checkpoint, in a local segment (None: none)."""
+        with self._restore_lock:
+            try:
+                manifest = latest_complete(self.storage, verify=False)
+            except (OSError, PersistError) as exc:
+                log.warning("cannot list checkpoints under %s: %s", self.directory, exc)
+                return None
+            if manifest is None:
+                return None
+            source = rank if manifest.world_size == assignment.world_size else rank % manifest.world_size
+            cached = self._restored.get((manifest.step, source))
+            if cached is not None and self.m.local.find(source, cached.step, cached.generation):
+                return cached
+            t0 = time.monotonic()
+            try:
+                state = load(manifest, source, verify=True)[source]
+            except (CheckpointCorruptError, OSError) as exc:
+                events.emit("ckpt.verify_failed", rank=source, step=manifest.step, holder="durable", detail=str(exc))
+                log.warning("durable checkpoint %s failed verification: %s", manifest.location, exc)
+                return None
+            nbytes = sum(t.numel() * t.element_size() for t in state.tensors.values()) + len(state.meta)
+            seg = self.m.local.ensure(source, own=False, nbytes=nbytes + nbytes // 8 + (1 << 20))
+            seg.write(dict(state.tensors), step=state.step, generation=state.generation, meta=bytes(state.meta))
+            seg.seal()
+            src = RestoreSource(step=manifest.step, generation=manifest.generation, segment=seg.name,
+                                source_rank=source, origin="durable", world_size=manifest.world_size)
+            self._restored[(manifest.step, source)] = src
+        log.info("rank %d restores step %d from the durable checkpoint %s (%s)", rank, manifest.step,
+                 manifest.location, reason)
+        events.emit("restore.plan", rank=rank, step=manifest.step, origin="durable", source_rank=source,
+                    seconds=round(time.monotonic() - t0, 6), reason=reason)
+        return src
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self.m.durable_fallback == self.restore:
+            self.m.durable_fallback = None
+
+
+__all__ = ["Request", "ShardedPersist", "errno_of", "writer_of"]

@@ -1,0 +1,158 @@
+"""Durable tier with several hosts, against a real etcd and real segments: each agent writes its own
+shards, group rank 0 commits the manifest, ENOSPC keeps the previous checkpoint latest, and restore falls
+back to disk when no copy in memory survives (all ranks together, never a mix of steps)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from resilient import events
+from resilient.persist import latest_complete, load
+from resilient.replication.commit import read_commit
+from resilient.replication.durable import ShardedPersist
+from resilient.testing.etcd import wait_until
+
+from tests.replication.test_replication_real import commit_step, read_source, state
+
+
+@pytest.fixture
+def persisted(make_cluster, tmp_path):
+    made = []
+
+    def make(c, every=1, failpoints=None):
+        ps = [ShardedPersist(m, str(tmp_path / "ckpt"), job=c.keys.job, keep=2, every=every, wait_s=20.0,
+                             failpoints=failpoints) for m in c.mgrs]
+        made.extend(ps)
+        return ps
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def kinds(path):
+    return [e for e in events.read(path)]
+
+
+def test_each_agent_writes_its_shards_and_rank0_commits_the_manifest(make_cluster, persisted, tmp_path, event_log):
+    c = make_cluster(3, replicas=2)
+    c.form(1, [0, 1, 2])
+    ps = persisted(c)
+    commit_step(c, [0, 1, 2], 4)
+    for p in ps:
+        p.tick(final=False)
+    wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 30, "the manifest commit")
+    m = latest_complete(str(tmp_path / "ckpt"))
+    assert (m.step, m.world_size) == (4, 3)
+    loaded = load(m)
+    for rank in range(3):
+        assert torch.equal(loaded[rank].tensors["w"], state(rank, 4))
+        assert bytes(loaded[rank].meta) == f"rank{rank}".encode()
+    evs = kinds(event_log)
+    writers = {e["rank"]: e["node"] for e in evs if e["kind"] == "persist.shard"}
+    assert writers.keys() == {0, 1, 2}
+    assert [e["step"] for e in evs if e["kind"] == "persist.done"] == [4]
+    latest = json.loads(c.kv.get(c.keys.persisted_latest).value)
+    assert latest["step"] == 4
+
+
+def test_enospc_on_one_writer_fails_cleanly_and_keeps_the_previous_latest(make_cluster, persisted, tmp_path,
+                                                                          event_log):
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    ps = persisted(c)
+    commit_step(c, [0, 1], 2)
+    ps[0].tick(final=False)
+    wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 30, "the first persist")
+    # the writer of rank 1 hits a full disk on the next one
+    ps[1]._fp = __import__("resilient.failpoints", fromlist=["Registry"]).Registry("persist.shard.after_write=enospc")
+    commit_step(c, [0, 1], 3)
+    ps[0].tick(final=False)
+    wait_until(lambda: any(e["kind"] == "persist.failed" and e.get("rank") is None for e in kinds(event_log)), 30,
+               "the committer to give up")
+    failed = [e for e in kinds(event_log) if e["kind"] == "persist.failed"]
+    assert all(e["errno"] == "ENOSPC" for e in failed)
+    assert latest_complete(str(tmp_path / "ckpt")).step == 2
+    assert not (tmp_path / "ckpt" / "step-00000003").exists()
+    assert json.loads(c.kv.get(c.keys.persisted_latest).value)["step"] == 2
+
+
+def test_no_surviving_copy_restores_every_rank_from_disk(make_cluster, persisted, tmp_path, event_log):
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    ps = persisted(c)
+    commit_step(c, [0, 1], 6)
+    ps[0].tick(final=True)
+    ps[1].tick(final=True)
+    assert latest_complete(str(tmp_path / "ckpt")).step == 6
+    commit_step(c, [0, 1], 7)  # in memory only
+    for p in ps:
+        p.close()
+    c.kill(0)
+    c.kill(1)
+    c.add_node(2, "host2")
+    c.add_node(3, "host3")
+    a = c.form(2, [2, 3])
+    fresh = [ShardedPersist(c.mgrs[i], str(tmp_path / "ckpt"), job=c.keys.job, keep=2, every=1) for i in (2, 3)]
+    try:
+        assert read_commit(c.kv, c.keys)[0].step == 7
+        for k, i in enumerate([2, 3]):
+            src = c.mgrs[i].prepare_restore(k, a)
+            assert (src.origin, src.step, src.source_rank) == ("durable", 6, k)
+            assert torch.equal(read_source(c, i, src), state(k, 6))
+        assert {e["origin"] for e in kinds(event_log) if e["kind"] == "restore.plan"} == {"durable"}
+    finally:
+        for p in fresh:
+            p.close()
+
+
+def test_replica_segments_stay_in_the_holders_shm_dir(make_cluster):
+    """What the chaos harness corrupts: a peer's copy, a file in the holder's own shm directory, present
+    (not unlinked while mapped) after every commit."""
+    import os
+
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    for step in range(1, 7):
+        commit_step(c, [0, 1], step)
+        c.wait_idle([0, 1])
+        for i in (0, 1):
+            rep = c.mgrs[i].local.name(1 - i, False)
+            assert os.path.exists(os.path.join(c.shm(i), f"resilient-{rep}")), (step, i, os.listdir(c.shm(i)))
+
+
+def test_corrupt_held_replica_after_shrink_falls_back_to_another_shard(make_cluster, event_log):
+    """The corrupt-replica scenario: the survivor's copy of the lost host's shard is damaged; the world
+    shrinks, so the survivor's own shard (data-parallel state) serves instead, and the damage is reported."""
+    from resilient.replication.commit import read_manifests
+
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    commit_step(c, [0, 1], 5)
+    assert read_manifests(c.kv, c.keys, 1, 5)[0].holders == ("n0", "n1")
+    seg, slot = c.mgrs[1].local.find(0, 5, 1)[-1]
+    assert seg.name == c.mgrs[1].local.name(0, False)
+    buf = seg.slot_buffer(slot)
+    buf[64] ^= 0xFF
+    buf.release()
+    c.kill(0)
+    a = c.form(2, [1])
+    src = c.mgrs[1].prepare_restore(0, a)
+    assert (src.source_rank, src.origin, src.step) == (1, "local", 5)
+    assert torch.equal(read_source(c, 1, src), state(1, 5))
+    failed = [e for e in kinds(event_log) if e["kind"] == "ckpt.verify_failed"]
+    assert failed and failed[0]["rank"] == 0 and failed[0]["holder"] == "n1"
+
+
+def test_surviving_replica_of_the_lost_rank_is_its_restore_source(make_cluster, event_log):
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    commit_step(c, [0, 1], 5)
+    c.kill(0)
+    a = c.form(2, [1])
+    src = c.mgrs[1].prepare_restore(0, a)
+    assert (src.source_rank, src.origin, src.step) == (0, "peer:n0", 5)
+    assert torch.equal(read_source(c, 1, src), state(0, 5))
