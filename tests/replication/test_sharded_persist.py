@@ -44,7 +44,7 @@ def test_each_agent_writes_its_shards_and_rank0_commits_the_manifest(make_cluste
     commit_step(c, [0, 1, 2], 4)
     for p in ps:
         p.tick(final=False)
-    wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 30, "the manifest commit")
+    wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 90, "the manifest commit")
     m = latest_complete(str(tmp_path / "ckpt"))
     assert (m.step, m.world_size) == (4, 3)
     loaded = load(m)
@@ -66,12 +66,12 @@ def test_enospc_on_one_writer_fails_cleanly_and_keeps_the_previous_latest(make_c
     ps = persisted(c)
     commit_step(c, [0, 1], 2)
     ps[0].tick(final=False)
-    wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 30, "the first persist")
+    wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 90, "the first persist")
     # the writer of rank 1 hits a full disk on the next one
     ps[1]._fp = __import__("resilient.failpoints", fromlist=["Registry"]).Registry("persist.shard.after_write=enospc")
     commit_step(c, [0, 1], 3)
     ps[0].tick(final=False)
-    wait_until(lambda: any(e["kind"] == "persist.failed" and e.get("rank") is None for e in kinds(event_log)), 30,
+    wait_until(lambda: any(e["kind"] == "persist.failed" and e.get("rank") is None for e in kinds(event_log)), 90,
                "the committer to give up")
     failed = [e for e in kinds(event_log) if e["kind"] == "persist.failed"]
     assert all(e["errno"] == "ENOSPC" for e in failed)
