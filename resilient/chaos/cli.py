@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -44,9 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interruptible() -> None:
+    """SIGTERM (a CI timeout) and SIGINT (even when inherited as ignored by a background job) stop the run
+    through the normal unwinding, so every ``finally`` teardown runs before the process exits."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure("WARNING")
+    _interruptible()
     try:
         if args.cmd == "check":
             for f in args.files:

@@ -14,6 +14,8 @@ fired, the ``at`` field of its ``fault.fired`` event):
 - ``worker_starts``: ``worker.start`` events (initial spawns included).
 - ``timeline``: (t, generation, world size) when each generation was first seen.
 - ``goodput``: fault-free training time / this run's training time (first to last completed step).
+- ``max_stall_s``: the longest time in which no step completed anywhere (after the first step).
+- ``final_committed``: the newest step announced committed (``ckpt.committed``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class RunMetrics:
     goodput: float | None = None
     final_hashes: list[str] = field(default_factory=list)
     final_loss: float | None = None
+    max_stall_s: float | None = None  # longest time without any step completing, after the first step
+    final_committed: int | None = None  # newest step a ``ckpt.committed`` event announced
 
     def as_dict(self) -> dict[str, Any]:
         rel = lambda t: None if t is None else round(t - self.t0, 3)  # noqa: E731
@@ -114,6 +118,8 @@ class RunMetrics:
             "timeline": [[rel(t), g, ws] for t, g, ws in self.timeline],
             "train_s": _r(self.train_s),
             "goodput": _r(self.goodput),
+            "max_stall_s": _r(self.max_stall_s),
+            "final_committed": self.final_committed,
         }
 
 
@@ -142,6 +148,10 @@ def compute(events: list[Event], *, baseline_train_s: float | None = None, t0: f
         gens_per_step.setdefault(ev["step"], set()).add(ev.get("gen"))
     m.steps_unique = len(gens_per_step)
     m.steps_recomputed = sum(len(g) - 1 for g in gens_per_step.values())
+    times = sorted(float(ev["mono"]) for ev in steps)
+    m.max_stall_s = max((b - a for a, b in zip(times, times[1:])), default=None)
+    committed = [ev["step"] for ev in events if ev.get("kind") == "ckpt.committed" and isinstance(ev.get("step"), int)]
+    m.final_committed = max(committed) if committed else None
     if steps:
         m.first_step_t = float(steps[0]["mono"])
         m.last_step_t = float(steps[-1]["mono"])

@@ -132,3 +132,17 @@ class Network:
 def leftover_namespaces(tag: str) -> list[str]:
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     return [line.split()[0] for line in res.stdout.splitlines() if line.startswith(f"rs-{tag}-")]
+
+
+def leftover_links(tag: str) -> list[str]:
+    """This run's bridge and veth ends still present in the root namespace (``rsb<tag>``, ``rv<tag>N``)."""
+    res = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True)
+    out = []
+    for line in res.stdout.splitlines():
+        parts = line.split(":")
+        if len(parts) < 2:
+            continue
+        name = parts[1].strip().split("@")[0]
+        if name == f"rsb{tag}" or (name.startswith(f"rv{tag}") and name[len(f"rv{tag}"):].isdigit()):
+            out.append(name)
+    return out

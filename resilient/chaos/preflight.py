@@ -23,7 +23,7 @@ from resilient.chaos.topology import DEFAULT_SCRIPT, REPO_ROOT
 
 LAUNCHER_FLAGS = ("--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id", "--max-restarts",
                   "--monitor-interval", "--lease-ttl", "--hang-timeout", "--replicas", "--snapshot-every",
-                  "--event-log", "--node-id", "--log-dir")
+                  "--event-log", "--node-id", "--log-dir", "--local-addr", "--last-call")
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,8 +81,6 @@ def check(scenario: Scenario, script: Path) -> list[str]:
     needed = list(LAUNCHER_FLAGS)
     if scenario.runtime.persist_every:
         needed += ["--persist-dir", "--persist-every"]
-    if scenario.topology.network == "netns":
-        needed.append("--local-addr")
     missing = [f for f in needed if f not in help_text]
     if missing:
         reasons.append(f"resilient-run lacks the flag(s) {missing}")

@@ -29,6 +29,9 @@ class TcpProxy:
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.connections = 0  # accepted and connected upstream
+        self.chunks = 0  # forwarded chunks, both directions
+        self.delayed_chunks = 0  # of which forwarded with a delay
         self._srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -69,6 +72,7 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._socks += [client, up]
+                self.connections += 1
             for a, b in ((client, up), (up, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -79,12 +83,16 @@ class TcpProxy:
                 data = src.recv(_CHUNK)
                 if not data:
                     break
-                if self._delay_s:
+                delayed = self._delay_s > 0
+                if delayed:
                     time.sleep(self._delay_s)
                 self._open.wait()
                 if self._stop.is_set():
                     break
                 dst.sendall(data)
+                with self._lock:
+                    self.chunks += 1
+                    self.delayed_chunks += delayed
         except OSError:
             pass
         finally:

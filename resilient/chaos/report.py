@@ -84,6 +84,8 @@ def markdown(rep: dict[str, Any]) -> str:
     if rep.get("reason"):
         lines += [f"Reason: {rep['reason']}", ""]
     lines += [f"Reproduce: `{rep.get('repro', '')}`", ""]
+    for note in rep.get("runtime_adapted") or []:
+        lines += [f"Runtime adapted to the machine: {note}.", ""]
     met = rep.get("metrics") or {}
     if met:
         lines += ["| metric | value |", "|---|---|"]

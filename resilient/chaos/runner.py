@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from resilient.chaos import calibrate, invariants as inv, metrics as M, preflight
+from resilient.chaos import calibrate, etcdlog, invariants as inv, metrics as M, preflight
 from resilient.chaos.eventlog import Event, EventTail, fields_match, read_dir
 from resilient.chaos.faults import ACTIONS, Injection, Plan
 from resilient.chaos.progress import Progress
@@ -34,6 +34,7 @@ from resilient.logs import get_logger
 log = get_logger(__name__)
 
 TICK_S = 0.05
+TRACK_EVERY_S = 1.0  # how often the process trees below the agents are recorded (orphans stay tracked)
 FAILPOINT_HOLD_MS = 3000
 STARTUP_LIMIT_S = 180.0  # launch to first step: import and rendezvous on a loaded machine
 
@@ -67,6 +68,10 @@ class Execution:
     census: dict[str, list[str]] = field(default_factory=dict)
     teardown_problems: list[str] = field(default_factory=list)
     logs_text: str = ""
+    history: list[etcdlog.Change] | None = None  # what etcd accepted under the job prefix, in revision order
+    history_error: str | None = None
+    durable: list[str] | None = None  # None: no persistence; else one sentence per visible checkpoint problem
+    durable_seen: list[int] = field(default_factory=list)  # steps of the visible (manifest-committed) checkpoints
 
 
 def _script_args(scenario: Scenario, script: Path, seed: int, run_dir: Path) -> list[str]:
@@ -111,8 +116,7 @@ def execute(scenario: Scenario, run_dir: Path, *, script: Path, seed: int, deadl
         cluster = Cluster(scenario, run_dir, teardown, script=script,
                           script_args=_script_args(scenario, script, seed, run_dir),
                           failpoints={h: ",".join(v) for h, v in plan.failpoints.items()},
-                          inworker={h: ";".join(v) for h, v in plan.inworker.items()},
-                          local_addr_flag=scenario.topology.network == "netns", job=job)
+                          inworker={h: ";".join(v) for h, v in plan.inworker.items()}, job=job)
         clog.emit("chaos.run.start", scenario=scenario.name, job=job, with_faults=with_faults, seed=seed)
         cluster.start_network(tag)
         cluster.start_etcd()
@@ -132,6 +136,10 @@ def execute(scenario: Scenario, run_dir: Path, *, script: Path, seed: int, deadl
         if cluster is not None:
             ex.exit_codes = {n: h.exit_code() for n, h in cluster.hosts.items()}
             cluster.stop_all(timeout=3.0)
+            clog.emit("chaos.stopped")
+            _read_history(cluster, ex)
+            _check_durable(cluster, ex)
+            clog.emit("chaos.inspected")
         ex.teardown_problems = teardown.run()
         from resilient.chaos import netns
 
@@ -139,12 +147,68 @@ def execute(scenario: Scenario, run_dir: Path, *, script: Path, seed: int, deadl
             left = netns.leftover_namespaces(tag)
             if left:
                 ex.teardown_problems.append(f"namespaces left after teardown: {left}")
+            links = netns.leftover_links(tag)
+            if links:
+                ex.teardown_problems.append(f"network links left after teardown: {links}")
+        if cluster is not None and cluster.persist_mounted and _mounted(cluster.run_dir / "persist"):
+            ex.teardown_problems.append(f"tmpfs {cluster.run_dir / 'persist'} still mounted after teardown")
         clog.emit("chaos.run.end", timed_out=ex.timed_out)
         clog.close()
         ex.wall_s = time.monotonic() - ex.t_start
         ex.events = read_dir(run_dir / "events")
         ex.logs_text = _logs_tail(run_dir)
     return ex
+
+
+def _check_durable(cluster: Cluster, ex: Execution) -> None:
+    """Every durable checkpoint whose manifest is visible must verify completely (old or new, never a mix
+    of steps or a torn file); directories without a manifest are partial persists and are ignored."""
+    if cluster.persist_dir is None:
+        return
+    from resilient.errors import PersistError
+    from resilient.persist import reader
+    from resilient.persist.fs import open_storage
+
+    problems: list[str] = []
+    try:
+        storage = open_storage(str(cluster.persist_dir))
+        for step, name in reader.list_checkpoints(storage):
+            try:
+                manifest = reader.read_manifest(storage, name)
+            except PersistError:
+                continue  # no manifest: a persist that did not finish, invisible to readers
+            try:
+                reader.verify(manifest)
+                if manifest.step != step:
+                    problems.append(f"{name} holds a manifest of step {manifest.step}")
+                ex.durable_seen.append(step)
+            except PersistError as exc:
+                problems.append(f"visible checkpoint {name} does not verify: {exc}")
+    except (PersistError, OSError) as exc:
+        problems.append(f"the persist directory {cluster.persist_dir} could not be inspected: {exc}")
+    ex.durable = problems
+
+
+def _mounted(path: Path) -> bool:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            return any(line.split()[1] == str(path) for line in fh if len(line.split()) > 1)
+    except OSError:
+        return False
+
+
+def _read_history(cluster: Cluster, ex: Execution) -> None:
+    """Replay what etcd accepted during the run (before teardown kills it); a failure is recorded, and the
+    checks that need the history then fail rather than pass on events alone."""
+    if cluster.etcd is None:
+        ex.history_error = "etcd never started"
+        return
+    try:
+        etcdlog.wait_readable(cluster.etcd.settings, 15.0)
+        ex.history = etcdlog.read(cluster.etcd.settings, cluster.job)
+        etcdlog.write(ex.run_dir / "etcd_history.jsonl", ex.history)
+    except ChaosError as exc:
+        ex.history_error = str(exc)
 
 
 def _logs_tail(run_dir: Path, limit: int = 20000) -> str:
@@ -168,7 +232,7 @@ def _loop(scenario: Scenario, cluster: Cluster, faults: list[Fault], clog: Chaos
     injections: dict[str, Injection] = {}
     startup_limit_s = max(STARTUP_LIMIT_S, deadline_s)
     deadline = ex.t_start + startup_limit_s + deadline_s
-    state: dict[str, Any] = {"step": None, "gen": None, "ws": None, "first_step_t": None}
+    state: dict[str, Any] = {"step": None, "gen": None, "ws": None, "first_step_t": None, "tracked_t": 0.0}
     for f in faults:  # armed inside the processes at launch: await their evidence from the start
         if ACTIONS[f.action].armed_at_launch(f):
             engine.started(f.id)
@@ -221,6 +285,9 @@ def _loop(scenario: Scenario, cluster: Cluster, faults: list[Fault], clog: Chaos
                 awaiting[f.id] = (f, inj)
             else:
                 fired(f, inj, time.monotonic())
+        if now - state["tracked_t"] >= TRACK_EVERY_S:
+            cluster.track_trees()
+            state["tracked_t"] = now
         scheduled.sort(key=lambda x: x[0])
         while scheduled and scheduled[0][0] <= time.monotonic():
             _, _, fn = scheduled.pop(0)
@@ -257,15 +324,18 @@ def _census(scenario: Scenario, cluster: Cluster, ex: Execution) -> dict[str, li
         time.sleep(0.1)
         left = [s for n in clean for s in cluster.segments_of(n)]
     out["shm_segments"] = sorted(left)
+    out["agent_run_dirs"] = sorted(str(d) for n in clean for d in cluster.agent_dirs(n))
     leases: list[str] = []
-    if cluster.etcd is not None:
+    if cluster.etcd is not None and not ex.timed_out:  # agents still running at the deadline hold leases
         try:
             lease_deadline = time.monotonic() + scenario.runtime.lease_ttl + 2.0
             count = _lease_count(cluster.etcd_endpoints)
             while count and time.monotonic() < lease_deadline:
                 time.sleep(0.25)
                 count = _lease_count(cluster.etcd_endpoints)
-            if count:
+            if count is None:
+                ex.errors.append("lease census failed: 'etcdctl lease list' gave no answer")
+            elif count:
                 leases = [f"{count} live lease(s) after the job ended and TTL passed"]
         except (subprocess.SubprocessError, OSError) as exc:
             ex.errors.append(f"lease census failed: {exc}")
@@ -283,28 +353,43 @@ def _census(scenario: Scenario, cluster: Cluster, ex: Execution) -> dict[str, li
 
 # --- one scenario with its baseline, checks and report ---------------------------------------------------
 
-def baseline_for(scenario: Scenario, script: Path, seed: int, out: Path, progress: Progress | None) -> tuple[
-        calibrate.Calibration | None, str | None]:
-    """The cached fault-free calibration run for this scenario's configuration (run it if missing)."""
+def baseline_for(scenario: Scenario, script: Path, seed: int, out: Path, progress: Progress | None, *,
+                 fresh: dict[str, str] | None = None) -> tuple[calibrate.Calibration | None, str | None]:
+    """The fault-free calibration run for this scenario's configuration, shared by every scenario with the
+    same key (``calibrate.key``: script, training, seed, launch hosts, network, runtime source). With
+    ``fresh`` (a suite run), a key is calibrated once per suite run, so the bounds reflect the machine's
+    load now; otherwise a baseline cached under ``OUT/baselines/`` by the same code is reused."""
     k = calibrate.key(scenario, script, seed)
     path = out / "baselines" / f"{k}.json"
     cal = calibrate.load(path)
-    if cal is not None and cal.state_hash:
+    if fresh is not None and fresh.get(k):
+        return None, fresh[k]  # this suite run's baseline for the key already failed: do not rerun it
+    if cal is not None and cal.state_hash and (fresh is None or k in fresh):
         return cal, None
     hosts = scenario.topology.launch_hosts
-    base = dataclasses.replace(scenario, faults=(), topology=dataclasses.replace(scenario.topology, hosts=hosts),
-                               name=f"{scenario.name}-baseline"[:41])
+    base = dataclasses.replace(scenario, faults=(), name=f"{scenario.name}-baseline"[:41],
+                               topology=dataclasses.replace(scenario.topology, hosts=hosts, etcd_members=1,
+                                                            network="loopback"),
+                               runtime=calibrate.baseline_runtime(scenario))
     run_dir = out / "baselines" / k
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    path.unlink(missing_ok=True)
     ex = execute(base, run_dir, script=script, seed=seed, deadline_s=scenario.deadline_s or 180.0, with_faults=False,
                  progress=progress)
     cal = calibrate.from_events(k, ex.events, ex.t_start, str(run_dir))
-    if ex.errors or not cal.state_hash or any(c not in (0, None) for c in ex.exit_codes.values()):
-        return None, (f"the fault-free baseline run failed ({'; '.join(ex.errors) or 'no train.done'}; exit codes "
-                      f"{ex.exit_codes}); see {run_dir}")
+    problems = list(ex.errors) + calibrate.fault_free_problems(ex.events, ex.exit_codes)
+    if not cal.state_hash and not problems:
+        problems.append("no train.done with a state hash")
+    if problems:
+        err = f"the fault-free baseline run was not clean: {'; '.join(problems[:4])}; see {run_dir}"
+        if fresh is not None:
+            fresh[k] = err
+        return None, err
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=1))
+    if fresh is not None:
+        fresh[k] = ""
     return cal, None
 
 
@@ -323,14 +408,18 @@ def evaluate(scenario: Scenario, ex: Execution, cal: calibrate.Calibration | Non
     checks = [
         inv.fault_fired(scenario, events),
         inv.reaction(default_reactions(scenario), events),
-        inv.committed_not_lost(events, allowed=scenario.expect.committed_loss_allowed),
+        inv.committed_not_lost(events, allowed=scenario.expect.committed_loss_allowed, history=ex.history),
         inv.no_step_gap(events),
-        inv.one_assignment(events),
-        inv.no_stale_write(events),
+        inv.one_assignment(events, ex.history, ex.history_error),
+        inv.no_stale_write(events, ex.history, ex.history_error),
+        inv.committed_monotonic(ex.history, ex.history_error),
         inv.restores_verified(events),
+        inv.restores_consistent(events),
+        inv.durable_consistent(ex.durable, ex.durable_seen),
         inv.final_state(scenario, events, cal.state_hash if cal else None, cal.final_loss if cal else None),
         inv.outcome(scenario, events, ex.exit_codes, ex.logs_text),
         inv.leftovers(ex.census),
+        inv.commits_resume(scenario, m, cal.final_committed if cal else None),
     ]
     for e in scenario.expect.events:
         present = any(ev.get("kind") == e["kind"] and fields_match(ev, e["where"]) for ev in events)
@@ -351,7 +440,8 @@ def evaluate(scenario: Scenario, ex: Execution, cal: calibrate.Calibration | Non
 
 
 def run_scenario(scenario: Scenario, *, script: Path | None, seed: int | None, out: Path,
-                 progress: Progress | None = None, repro: str = "") -> dict[str, Any]:
+                 progress: Progress | None = None, repro: str = "",
+                 fresh_baselines: dict[str, str] | None = None) -> dict[str, Any]:
     from resilient.chaos import report
 
     script = (script or DEFAULT_SCRIPT).resolve()
@@ -364,14 +454,17 @@ def run_scenario(scenario: Scenario, *, script: Path | None, seed: int | None, o
         rep = report.skipped(scenario, seed, run_dir, reasons, repro)
         report.write(rep, run_dir, None, None)
         return rep
-    cal, err = baseline_for(scenario, script, seed, out, progress)
+    cal, err = baseline_for(scenario, script, seed, out, progress, fresh=fresh_baselines)
     if cal is None:
         rep = report.failed_setup(scenario, seed, run_dir, err or "no baseline", repro)
         report.write(rep, run_dir, None, None)
         return rep
+    scenario, adapted = calibrate.adapt_runtime(scenario, cal)
     ex = execute(scenario, run_dir, script=script, seed=seed, deadline_s=calibrate.deadline(scenario, cal),
                  with_faults=True, progress=progress)
     checks, m = evaluate(scenario, ex, cal)
     rep = report.build(scenario, seed, run_dir, ex, checks, m, cal, repro, time.monotonic() - t0)
+    if adapted:
+        rep["runtime_adapted"] = adapted
     report.write(rep, run_dir, ex, m)
     return rep

@@ -110,6 +110,7 @@ class Runtime:
     persist_every: int = 0
     persist_tmpfs_kb: int = 0  # >0: the persist dir is a tmpfs of that size (needs root)
     min_nodes: int = 1
+    last_call: float = 0.0  # seconds a round waits for more nodes once min_nodes joined; 0: from the calibration
 
 
 @dataclass(frozen=True)

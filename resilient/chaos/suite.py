@@ -33,9 +33,11 @@ def run_suite(directory: Path, tier: str, out: Path, *, script: Path | None = No
         scenarios = [s for s in scenarios if s.name in only]
     progress = Progress()
     reports = []
+    calibrated: dict[str, str] = {}  # key -> '' or the failure of this suite run's baseline for it
     for s in scenarios:
         repro = f"resilient-chaos run {s.path} --seed {s.seed} --out {out}" + (f" --script {script}" if script else "")
-        rep = run_scenario(s, script=script, seed=None, out=out, progress=progress, repro=repro)
+        rep = run_scenario(s, script=script, seed=None, out=out, progress=progress, repro=repro,
+                           fresh_baselines=calibrated)
         progress.done(f"{s.name}: {rep['verdict'].upper()}" + (f" ({rep['reason'][:200]})" if rep.get("reason") else ""))
         reports.append(rep)
     verdict = report.suite_verdict(reports)

@@ -28,7 +28,7 @@ class Teardown:
         self._steps: list[tuple[str, Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._done = False
-        self.pids: set[int] = set()
+        self.pids: dict[int, float | None] = {}  # pid -> its create time when tracked (pid reuse guard)
         atexit.register(self.run)
 
     def add(self, what: str, undo: Callable[[], None]) -> None:
@@ -36,8 +36,25 @@ class Teardown:
             self._steps.append((what, undo))
 
     def track_pid(self, pid: int) -> None:
-        """Remember a process (and, at teardown, its descendants) that this run is responsible for."""
-        self.pids.add(pid)
+        """Remember a process (and, at teardown, its descendants) that this run is responsible for; its start
+        time is kept so that a pid reused later by an unrelated process is never touched."""
+        if pid in self.pids:
+            return
+        try:
+            self.pids[pid] = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            self.pids[pid] = None
+
+    def ours(self) -> list[int]:
+        """Tracked pids that still name the process that was tracked (gone ones excluded)."""
+        out = []
+        for pid, created in self.pids.items():
+            try:
+                if created is not None and psutil.Process(pid).create_time() == created:
+                    out.append(pid)
+            except psutil.NoSuchProcess:
+                continue
+        return sorted(out)
 
     def run(self) -> list[str]:
         with self._lock:
@@ -47,7 +64,7 @@ class Teardown:
             steps = list(reversed(self._steps))
             self._steps.clear()
         problems = []
-        problems += kill_tree(sorted(self.pids))
+        problems += kill_tree(self.ours())
         for what, undo in steps:
             try:
                 undo()

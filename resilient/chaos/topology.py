@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SCRIPT = REPO_ROOT / "chaos" / "train_chaos.py"
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "resilient"
+AGENT_DIR_PREFIX = "rsl-agent-"  # resilient.agent.agent.RUN_DIR_PREFIX (not imported: keep the harness light)
 
 
 def shm_segments(directory: Path) -> set[str]:
@@ -54,6 +55,7 @@ class Host:
     ip: str = "127.0.0.1"
     etcd_proxy: list[TcpProxy] = field(default_factory=list)
     lost: bool = False
+    agent_pids: list[int] = field(default_factory=list)  # every agent this run started for the host
 
     @property
     def name(self) -> str:
@@ -77,7 +79,7 @@ class Host:
 class Cluster:
     def __init__(self, scenario: Scenario, run_dir: Path, teardown: Teardown, *, script: Path,
                  script_args: list[str], failpoints: dict[str, str], inworker: dict[str, str],
-                 local_addr_flag: bool, job: str) -> None:
+                 job: str) -> None:
         self.scenario = scenario
         self.run_dir = run_dir
         self.teardown = teardown
@@ -85,7 +87,6 @@ class Cluster:
         self.script_args = script_args
         self.failpoints = failpoints  # host -> RESILIENT_FAILPOINTS spec
         self.inworker = inworker  # host -> RESILIENT_CHAOS_INWORKER spec
-        self.local_addr_flag = local_addr_flag
         self.job = job
         self.events_dir = run_dir / "events"
         self.events_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +183,12 @@ class Cluster:
         self.hosts[spec.name] = host
         if self.network:
             host.ip = self.network.hosts[spec.name].ip
+        else:
+            # Each loopback host gets an address of its own in 127/8: the runtime tells hosts apart by their
+            # advertised address (replica placement puts copies on distinct hosts), so one shared 127.0.0.1
+            # would make the whole cluster one host holding one copy of everything.
+            idx = [h.name for h in self.scenario.topology.hosts].index(spec.name)
+            host.ip = f"127.0.0.{idx + 1}"
         cmd = [
             sys.executable, "-m", "resilient.run",
             "--nnodes", f"{rt.min_nodes}:{len(sc.topology.hosts)}",
@@ -194,14 +201,14 @@ class Cluster:
             "--hang-timeout", f"{rt.hang_timeout:g}",
             "--replicas", str(rt.replicas),
             "--snapshot-every", str(rt.snapshot_every),
+            "--last-call", f"{rt.last_call or 1:g}",
             "--event-log", str(events),
             "--node-id", spec.name,
             "--log-dir", str(self.run_dir / "logs" / spec.name),
         ]
         if self.persist_dir is not None:
             cmd += ["--persist-dir", str(self.persist_dir), "--persist-every", str(rt.persist_every)]
-        if self.network is not None and self.local_addr_flag:
-            cmd += ["--local-addr", host.ip]
+        cmd += ["--local-addr", host.ip]
         cmd += [str(self.script), *self.script_args]
         if self.network is not None:
             cmd = self.network.exec_prefix(spec.name) + cmd
@@ -238,8 +245,26 @@ class Cluster:
         out.close()
         host.starts += 1
         host.lost = False
+        host.agent_pids.append(host.proc.pid)
         self.teardown.track_pid(host.proc.pid)
+        if host.starts == 1:
+            self.teardown.add(f"agent run directories of {name}", lambda: self.remove_agent_dirs(name))
         return host
+
+    def agent_dirs(self, name: str) -> list[Path]:
+        """The run directories (control blocks, sockets) that this host's agents created directly in /dev/shm
+        (``rsl-agent-<agent pid>-*``): part of the host's shared memory although outside its shm directory."""
+        out: list[Path] = []
+        for pid in self.hosts[name].agent_pids:
+            out += sorted(SHM_DIR.glob(f"{AGENT_DIR_PREFIX}{pid}-*"))
+        return out
+
+    def remove_agent_dirs(self, name: str) -> list[str]:
+        removed = []
+        for d in self.agent_dirs(name):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+        return removed
 
     def observe(self, events: list[Event]) -> None:
         for ev in events:
@@ -263,9 +288,16 @@ class Cluster:
             out.append((pid, ev))
         return sorted(out, key=lambda x: (x[1].get("rank") if isinstance(x[1].get("rank"), int) else 0, x[0]))
 
+    def track_trees(self) -> None:
+        """Remember every process now below a running agent (zygote, workers, helpers): one that outlives
+        its agent is still this run's, for the census and the teardown."""
+        for h in self.hosts.values():
+            for p in h.processes():
+                self.teardown.track_pid(p.pid)
+
     def all_pids(self) -> list[int]:
-        pids = [h.pid for h in self.hosts.values() if h.pid]
-        return sorted(set(pids) | set(self.worker_pids))
+        """Every process this run started or saw below an agent, that still is that process."""
+        return self.teardown.ours()
 
     def signal_host(self, name: str, sig: int) -> list[int]:
         host = self.hosts[name]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from typing import Any
 
 from resilient.chaos.faults.base import Driver, Injection, need_host, param_number
 from resilient.chaos.scenario import Fault, ScenarioError, Topology
+from resilient.chaos.teardown import wait_gone
 from resilient.errors import ChaosError
 
 
@@ -51,6 +53,14 @@ class HostLoss(Driver):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            # Dead before anything else happens to the host (a heal starting its replacement must not see
+            # the old agent as still running): reap the agent, wait for the rest.
+            if host.proc is not None:
+                try:
+                    host.proc.wait(timeout=10.0)
+                except subprocess.TimeoutExpired as exc:
+                    raise ChaosError(f"Fault {fault.id}: host {name}'s agent survived SIGKILL for 10s.") from exc
+            wait_gone(pids, 10.0)
             removed = []
             for seg in sorted(segments):
                 try:
@@ -58,6 +68,8 @@ class HostLoss(Driver):
                     removed.append(seg)
                 except FileNotFoundError:
                     pass
+            # The agent's control blocks live in /dev/shm/rsl-agent-<pid>-*: the host's memory too.
+            removed += cluster.remove_agent_dirs(name)
             return {"killed": len(pids), "segments_removed": removed}
 
         silence = float(fault.params.get("silence_s", 1.0))

@@ -7,6 +7,7 @@ from typing import Any
 
 from resilient.chaos.faults.base import Driver, Injection, Plan, need_host, param_choice, param_number
 from resilient.chaos.scenario import Fault, ScenarioError, Topology
+from resilient.errors import ChaosError
 
 
 class Partition(Driver):
@@ -62,6 +63,10 @@ class SlowLink(Driver):
 
     def inject(self, fault: Fault, cluster: Any) -> Injection:
         host = cluster.hosts[fault.target["host"]]
+        carried = sum(p.chunks for p in host.etcd_proxy)
+        if not carried:
+            raise ChaosError(f"Fault {fault.id}: no etcd traffic of host {host.name} went through its proxies "
+                             f"{[p.endpoint for p in host.etcd_proxy]}; slowing them would do nothing.")
         for p in host.etcd_proxy:
             if fault.params.get("blackhole"):
                 p.blackhole(True)
@@ -69,10 +74,11 @@ class SlowLink(Driver):
                 p.set_delay(float(fault.params.get("delay_ms", 100)))
         return Injection(fields={"host": host.name, "proxies": [p.endpoint for p in host.etcd_proxy],
                                  "delay_ms": fault.params.get("delay_ms", 100),
-                                 "blackhole": bool(fault.params.get("blackhole"))})
+                                 "blackhole": bool(fault.params.get("blackhole")), "chunks_before": carried})
 
     def heal(self, fault: Fault, cluster: Any, injection: Injection) -> dict[str, Any] | None:
-        for p in cluster.hosts[fault.target["host"]].etcd_proxy:
+        proxies = cluster.hosts[fault.target["host"]].etcd_proxy
+        for p in proxies:
             p.set_delay(0)
             p.blackhole(False)
-        return {"host": fault.target["host"]}
+        return {"host": fault.target["host"], "delayed_chunks": sum(p.delayed_chunks for p in proxies)}
