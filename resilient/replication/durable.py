@@ -240,6 +240,13 @@ class ShardedPersist:
                         self._write(req)
                     else:
                         self._commit(req, wait_s=self.wait_s)
+                except (ResilientError, OSError) as exc:
+                    # etcd (an election, a deadline), the store or the storage: this round is lost, the thread
+                    # lives on and the next request persists a newer step
+                    log.warning("persist %s of step %d failed (%s: %s); waiting for the next request", what,
+                                req.step, type(exc).__name__, exc)
+                    events.emit("persist.failed", step=req.step, errno=errno_of(exc),
+                                error=f"{type(exc).__name__}: {exc}", dir=self.directory)
                 finally:
                     if what == "commit":
                         with self._cv:

@@ -10,7 +10,10 @@ touching its committed copy), paced by the token bucket, ``send_slot`` over the 
 check: when every rank of the step has its copies, ``committed`` moves forward in a fenced transaction.
 A shard that cannot reach all of its holders within ``replicate_timeout_s`` (peer gone, refused,
 generation changed) is skipped: event ``replica.skipped`` and the ``skipped`` counter; training is never
-blocked and the previous committed step stays the restore point.
+blocked and the previous committed step stays the restore point. An etcd error on the way (an election, a
+deadline, an indeterminate transaction) retries the snapshot once while it is still the rank's newest and
+within its time budget, else skips it with ``cause="etcd"``; the sender threads never die of it, so commits
+resume with the next snapshot once etcd answers again.
 
 Restore (``prepare_restore``): the committed step only; the local copy when present and verified, else
 each holder in the restore plan in turn (``Pull``: the holder verifies its copy, reports corruption
@@ -35,7 +38,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from resilient import events
-from resilient.errors import ChecksumError, FencedError, ReplicationError, StoreError, StoreSpaceError, TransportError
+from resilient.errors import (
+    ChecksumError,
+    EtcdError,
+    FencedError,
+    ReplicationError,
+    StoreError,
+    StoreSpaceError,
+    TransportError,
+)
 from resilient.etcd.api import KVStore, WatchEvent, WatchHandle
 from resilient.keys import JobKeys
 from resilient.logs import get_logger
@@ -60,6 +71,9 @@ from resilient.store.transport import BulkReceiver, SlotHeader, send_slot
 from resilient._proto import peer_pb2 as pb
 
 log = get_logger(__name__)
+
+REPLAN_WAIT_S = 30.0  # how long a restore that voided the memory step waits for the next generation
+REPLAN_POLL_S = 0.05
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -256,11 +270,11 @@ class ShardManager(PeerHandler):
             return not self._pending and not self._active
 
     # --- replication ------------------------------------------------------------------------------------
-    def _skip(self, job: _Job, reason: str) -> None:
+    def _skip(self, job: _Job, reason: str, cause: str = "replication") -> None:
         with self._lock:
             self.stats.skipped += 1
         log.warning("snapshot of rank %d step %d skipped: %s", job.rank, job.step, reason)
-        events.emit("replica.skipped", rank=job.rank, step=job.step, gen=job.generation, reason=reason)
+        events.emit("replica.skipped", rank=job.rank, step=job.step, gen=job.generation, reason=reason, cause=cause)
 
     def _send_loop(self) -> None:
         while True:
@@ -275,13 +289,28 @@ class ShardManager(PeerHandler):
                 self._active.add(rank)
                 assignment, placement = self._assignment, self._placement
             try:
-                self._replicate(job, assignment, placement)
+                self._replicate_once_more_on_etcd_error(job, assignment, placement)
             except (ReplicationError, TransportError, StoreError, FencedError) as exc:
                 self._skip(job, str(exc))
+            except EtcdError as exc:
+                self._skip(job, f"etcd failed while replicating or committing it ({type(exc).__name__}: {exc})", cause="etcd")
             finally:
                 with self._cv:
                     self._active.discard(rank)
                     self._cv.notify_all()
+
+    def _replicate_once_more_on_etcd_error(self, job: _Job, assignment, placement) -> None:
+        """``_replicate``; after an etcd error, once more while the snapshot is still the rank's newest and
+        within its time budget (its manifest writes and the commit are fenced, so a repeat is safe)."""
+        try:
+            self._replicate(job, assignment, placement)
+        except EtcdError as exc:
+            why = self._superseded(job)
+            if why:
+                raise
+            log.warning("etcd failed while replicating rank %d step %d (%s: %s); retrying it once",
+                        job.rank, job.step, type(exc).__name__, exc)
+            self._replicate(job, assignment, placement)
 
     def _superseded(self, job: _Job) -> str | None:
         with self._lock:
@@ -521,13 +550,15 @@ class ShardManager(PeerHandler):
         manifests = read_manifests(self.kv, self.keys, committed.generation, committed.step)
         held = {r for r in manifests if self.local.find(r, committed.step, committed.generation)}
         members = set(assignment.node_ids)
-        lost = restore_mod.unrecoverable(committed, manifests, held, members, assignment.world_size)
+        listed = restore_mod.listed_here(held, manifests, self.node.node_id)
+        lost = restore_mod.unrecoverable(committed, manifests, listed, members, assignment.world_size)
         if lost:
             # decided from etcd and the membership alone, so every agent decides the same: no step mix
             return self._durable(rank, assignment, f"committed step {committed.step} has no surviving copy of "
                                                    f"the shards of ranks {lost}")
         t0 = time.monotonic()
         tried: list[str] = []
+        failed: list[int] = []
         for source in restore_mod.source_order(rank, assignment.world_size, committed, held, set(manifests)):
             plan = restore_mod.plan(rank, assignment.world_size, self.node.node_id, committed, manifests, held,
                                     members, source=source)
@@ -537,8 +568,32 @@ class ShardManager(PeerHandler):
             if src is not None:
                 return src
             tried.append(f"rank {source}'s shard (local: {plan.local}, holders: {list(plan.peers)})")
-        return self._durable(rank, assignment, f"no verified copy of committed step {committed.step} could be "
-                                               f"fetched ({'; '.join(tried) or 'no manifest'})", required=True)
+            failed.append(source)
+        reason = f"no verified copy of committed step {committed.step} could be fetched ({'; '.join(tried) or 'no manifest'})"
+        if failed:
+            self._void_memory_step(committed, {r: manifests[r] for r in failed}, members, assignment.generation, reason)
+        return self._durable(rank, assignment, reason, required=True)
+
+    def _void_memory_step(self, committed: CommitRecord, failed: dict[int, ShardManifest], members: set[str],
+                          generation: int, reason: str) -> None:
+        """Make one agent's fetch-time failure every agent's verdict (see ``restore``'s docstring): strike
+        the members off the failed shards' manifests, publish a fault so that a rank which already planned
+        the memory step re-plans, and wait for the next generation, so that this generation never trains
+        (nor commits) from a mix of steps."""
+        try:
+            for manifest in failed.values():
+                self.executor.write_manifest(generation, restore_mod.struck_off(manifest, members))
+            self.rendezvous.publish_fault(generation, "restore.unverified",
+                                          {"step": committed.step, "ranks": sorted(failed), "reason": reason})
+        except (FencedError, EtcdError) as exc:
+            log.info("generation %d is over already; the next one re-plans its restore: %s", generation, exc)
+            return
+        deadline = time.monotonic() + REPLAN_WAIT_S
+        while self.kv.get(self.keys.gen(generation + 1)) is None:
+            if time.monotonic() >= deadline:
+                log.warning("generation %d was not replaced within %gs of its restore fault", generation, REPLAN_WAIT_S)
+                return
+            time.sleep(REPLAN_POLL_S)
 
     def _restore_from(self, plan: restore_mod.RestorePlan, assignment, t0: float) -> RestoreSource | None:
         if plan.local:

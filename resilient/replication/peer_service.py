@@ -26,7 +26,7 @@ from typing import Callable
 
 import grpc
 
-from resilient.errors import ReplicationError, StoreSpaceError
+from resilient.errors import EtcdError, ReplicationError, StoreError, StoreSpaceError, TransportError
 from resilient.logs import get_logger
 from resilient._proto import peer_pb2 as pb
 from resilient._proto import peer_pb2_grpc as pb_grpc
@@ -164,6 +164,10 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         except ReplicationError as exc:
             log.warning("peer request failed: %s", exc)
             context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except (TransportError, StoreError, EtcdError) as exc:
+            # the caller gets a status it can act on (try another holder) instead of an opaque UNKNOWN
+            log.warning("peer request failed (%s): %s", type(exc).__name__, exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.authority.node_id} failed it: {type(exc).__name__}: {exc}")
 
     def Offer(self, request, context):
         sender = self._auth("Offer", request, context)
