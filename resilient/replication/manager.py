@@ -570,16 +570,19 @@ class ShardManager(PeerHandler):
             tried.append(f"rank {source}'s shard (local: {plan.local}, holders: {list(plan.peers)})")
             failed.append(source)
         reason = f"no verified copy of committed step {committed.step} could be fetched ({'; '.join(tried) or 'no manifest'})"
-        if failed:
-            self._void_memory_step(committed, {r: manifests[r] for r in failed}, members, assignment.generation, reason)
+        if failed and self._void_memory_step(committed, {r: manifests[r] for r in failed}, members,
+                                             assignment.generation, reason):
+            raise ReplicationError(f"Rank {rank} has no restore source in generation {assignment.generation}: {reason}; "
+                                   f"that generation is over and generation {assignment.generation + 1} re-plans "
+                                   "every rank's restore from the durable tier.")
         return self._durable(rank, assignment, reason, required=True)
 
     def _void_memory_step(self, committed: CommitRecord, failed: dict[int, ShardManifest], members: set[str],
-                          generation: int, reason: str) -> None:
+                          generation: int, reason: str) -> bool:
         """Make one agent's fetch-time failure every agent's verdict (see ``restore``'s docstring): strike
         the members off the failed shards' manifests, publish a fault so that a rank which already planned
         the memory step re-plans, and wait for the next generation, so that this generation never trains
-        (nor commits) from a mix of steps."""
+        (nor commits) from a mix of steps. True when the next generation formed (this one gets no source)."""
         try:
             for manifest in failed.values():
                 self.executor.write_manifest(generation, restore_mod.struck_off(manifest, members))
@@ -587,13 +590,14 @@ class ShardManager(PeerHandler):
                                           {"step": committed.step, "ranks": sorted(failed), "reason": reason})
         except (FencedError, EtcdError) as exc:
             log.info("generation %d is over already; the next one re-plans its restore: %s", generation, exc)
-            return
+            return True
         deadline = time.monotonic() + REPLAN_WAIT_S
         while self.kv.get(self.keys.gen(generation + 1)) is None:
             if time.monotonic() >= deadline:
                 log.warning("generation %d was not replaced within %gs of its restore fault", generation, REPLAN_WAIT_S)
-                return
+                return False
             time.sleep(REPLAN_POLL_S)
+        return True
 
     def _restore_from(self, plan: restore_mod.RestorePlan, assignment, t0: float) -> RestoreSource | None:
         if plan.local:

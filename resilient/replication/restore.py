@@ -17,11 +17,16 @@ Rules:
 * ``unrecoverable`` names the shards of the committed step that no member holds any more; it depends only
   on etcd and the membership, so every agent reaches the same verdict and all ranks go to the durable
   tier together (never a mix of a memory step and a disk step).
+* A copy found corrupt (or missing) only at fetch time is known to one agent alone. When no member can
+  supply a verified copy of a shard, that agent strikes the members off the shard's manifest in etcd
+  (``struck_off``; fenced) and publishes a fault for the generation: the next generation's plans, made
+  from etcd again, all name the durable tier, so an agent that already planned the memory step re-plans
+  with everyone else (``listed_here`` keeps a struck-off local copy from counting).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Collection, Mapping
 
 from resilient.replication.manifest import CommitRecord, ShardManifest
@@ -115,3 +120,17 @@ def plan(
         checksum=manifest.checksum,
         owner=manifest.owner,
     )
+
+
+def listed_here(held_here: Collection[int], manifests: Mapping[int, ShardManifest], node_id: str) -> set[int]:
+    """The shards held here that etcd still lists this node as a holder of: a copy struck off the manifest
+    (found corrupt, see ``struck_off``) no longer counts, so the verdict of ``unrecoverable`` rests on etcd
+    and the membership alone."""
+    return {r for r in held_here if r in manifests and node_id in manifests[r].holders}
+
+
+def struck_off(manifest: ShardManifest, members: Collection[str]) -> ShardManifest:
+    """``manifest`` without the holders among ``members``: written back when no member could supply a
+    verified copy of the committed step, so that every agent's ``unrecoverable`` names this shard and all
+    ranks go to the durable tier together."""
+    return replace(manifest, holders=tuple(h for h in manifest.holders if h not in members))
