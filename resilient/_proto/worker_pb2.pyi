@@ -119,7 +119,7 @@ class RestoreRequest(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ...) -> None: ...
 
 class RestoreReply(_message.Message):
-    __slots__ = ("has_source", "step", "generation", "segment", "source_rank", "origin", "world_size")
+    __slots__ = ("has_source", "step", "generation", "segment", "source_rank", "origin", "world_size", "error")
     HAS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class RestoreReply(_message.Message):
     SOURCE_RANK_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     has_source: bool
     step: int
     generation: int
@@ -134,7 +135,8 @@ class RestoreReply(_message.Message):
     source_rank: int
     origin: str
     world_size: int
-    def __init__(self, has_source: _Optional[bool] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., segment: _Optional[str] = ..., source_rank: _Optional[int] = ..., origin: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, has_source: _Optional[bool] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., segment: _Optional[str] = ..., source_rank: _Optional[int] = ..., origin: _Optional[str] = ..., world_size: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class CommittedRequest(_message.Message):
     __slots__ = ("local_rank",)

@@ -117,8 +117,9 @@ class WorkerService(worker_pb2_grpc.WorkerAgentServicer):
         try:
             src = self._snapshots().prepare_restore(rank)
         except ResilientError as exc:
+            # Never a silent fresh start when something was committed: the worker fails with the cause.
             log.warning("rank %d: no restore source: %s", rank, exc)
-            src = None
+            return worker_pb2.RestoreReply(has_source=False, error=f"{type(exc).__name__}: {exc}")
         if src is None:
             return worker_pb2.RestoreReply(has_source=False)
         return worker_pb2.RestoreReply(has_source=True, step=src.step, generation=src.generation,

@@ -555,7 +555,7 @@ class ShardManager(PeerHandler):
         if lost:
             # decided from etcd and the membership alone, so every agent decides the same: no step mix
             return self._durable(rank, assignment, f"committed step {committed.step} has no surviving copy of "
-                                                   f"the shards of ranks {lost}")
+                                                   f"the shards of ranks {lost}", required=True)
         t0 = time.monotonic()
         tried: list[str] = []
         failed: list[int] = []

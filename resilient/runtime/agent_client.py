@@ -16,7 +16,7 @@ import grpc
 
 from resilient import env, logs
 from resilient._proto import worker_pb2, worker_pb2_grpc
-from resilient.errors import ConfigError, RendezvousClosedError, RendezvousTimeoutError, ResilientError
+from resilient.errors import ConfigError, RendezvousClosedError, RendezvousTimeoutError, ReplicationError, ResilientError
 from resilient.runtime.api import RestoreSource, WorkerAssignment, WorkerRuntime
 from resilient.runtime.control import ControlBlock
 
@@ -145,6 +145,9 @@ class AgentRuntime(WorkerRuntime):
     def restore_source(self) -> RestoreSource | None:
         r = self._call(self._stub.RestorePlan, worker_pb2.RestoreRequest(local_rank=self._slot),
                        "asking the agent for a restore plan")
+        if r.error:
+            raise ReplicationError(f"The agent cannot restore this worker's committed state ({r.error}); refusing to "
+                                   "start from scratch, which would lose committed steps.")
         if not r.has_source:
             return None
         return RestoreSource(step=r.step, generation=r.generation, segment=r.segment, source_rank=r.source_rank,
