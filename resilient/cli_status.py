@@ -145,21 +145,27 @@ EXIT_UNREADABLE = 2  # bad options, or etcd could not be read (as resilient-run 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resilient status", description=__doc__.splitlines()[0])
+    add_job_etcd_args(p)
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    return p
+
+
+def add_job_etcd_args(p: argparse.ArgumentParser) -> None:
+    """The job and etcd flags shared by the read-only commands (``status``, ``top``): the same endpoint,
+    TLS and auth flags as resilient-run (resilient/agent/cli_args.py)."""
     p.add_argument("--rdzv-endpoint", default=env.get(env.ETCD_ENDPOINTS),
                    help=f"etcd host:port[,host:port...] (default ${env.ETCD_ENDPOINTS})")
     p.add_argument("--rdzv-id", required=True, help="the job id (resilient-run's --rdzv-id)")
-    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to wait for etcd to answer. Default 5.")
-    # the same etcd TLS/auth flags as resilient-run (resilient/agent/cli_args.py)
     p.add_argument("--etcd-ca", default=None, help="CA certificate for etcd TLS.")
     p.add_argument("--etcd-cert", default=None, help="client certificate for etcd mTLS.")
     p.add_argument("--etcd-key", default=None, help="client key for etcd mTLS.")
     p.add_argument("--etcd-user", default=None, help=f"etcd user (password from ${env.ETCD_PASSWORD}).")
-    return p
 
 
-def _settings(args: argparse.Namespace) -> EtcdSettings:
+def etcd_settings(args: argparse.Namespace, request_deadline: float = 2.0) -> EtcdSettings:
+    """EtcdSettings from the flags of ``add_job_etcd_args``."""
     return EtcdSettings.parse(
         args.rdzv_endpoint,
         ca_cert=args.etcd_ca,
@@ -168,8 +174,12 @@ def _settings(args: argparse.Namespace) -> EtcdSettings:
         user=args.etcd_user,
         password=env.get(env.ETCD_PASSWORD) if args.etcd_user else None,
         connect_timeout=args.connect_timeout,
-        request_deadline=max(args.connect_timeout, 2.0),
+        request_deadline=max(args.connect_timeout, request_deadline),
     )
+
+
+def _settings(args: argparse.Namespace) -> EtcdSettings:
+    return etcd_settings(args)
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TextIO
 
 from resilient import env
-from resilient.cli_status import read_status
+from resilient.cli_status import add_job_etcd_args, etcd_settings, read_status
 from resilient.config import EtcdSettings
 from resilient.errors import EtcdError, ResilientError
 from resilient.etcd.api import Get, KVStore
@@ -312,33 +312,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="resilient top",
         description="A live view of a running job from etcd: members, generation, progress, commits, last recovery.",
     )
-    p.add_argument("--rdzv-endpoint", default=env.get(env.ETCD_ENDPOINTS),
-                   help=f"etcd host:port[,host:port...] (default ${env.ETCD_ENDPOINTS})")
-    p.add_argument("--rdzv-id", required=True, help="the job id (resilient-run's --rdzv-id)")
+    add_job_etcd_args(p)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between frames. Default 1.")
     p.add_argument("--once", action="store_true", help="print one frame without terminal escapes and exit")
     p.add_argument("-n", "--iterations", type=int, default=0, help="stop after N frames (0: until Ctrl-C)")
     p.add_argument("--json", action="store_true", help="with --once: print the frame's data as one JSON object")
-    p.add_argument("--connect-timeout", type=float, default=5.0,
-                   help="seconds to wait for etcd to answer at start. Default 5.")
-    p.add_argument("--etcd-ca", default=None, help="CA certificate for etcd TLS")
-    p.add_argument("--etcd-cert", default=None, help="client certificate for etcd mTLS")
-    p.add_argument("--etcd-key", default=None, help="client key for etcd mTLS")
-    p.add_argument("--etcd-user", default=None, help=f"etcd user (password from ${env.ETCD_PASSWORD})")
     return p
 
 
 def _settings(args: argparse.Namespace) -> EtcdSettings:
-    return EtcdSettings.parse(
-        args.rdzv_endpoint,
-        ca_cert=args.etcd_ca,
-        cert_cert=args.etcd_cert,
-        cert_key=args.etcd_key,
-        user=args.etcd_user,
-        password=env.get(env.ETCD_PASSWORD) if args.etcd_user else None,
-        connect_timeout=args.connect_timeout,
-        request_deadline=max(args.connect_timeout, 2 * args.interval, 2.0),
-    )
+    return etcd_settings(args, request_deadline=max(2 * args.interval, 2.0))
 
 
 def run_live(
