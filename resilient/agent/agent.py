@@ -36,6 +36,7 @@ from resilient.agent.store_host import StoreHost, generation_env_port
 from resilient.agent.supervisor import Supervisor, WorkerHandle, describe_exit
 from resilient.agent.worker_env import AgentPaths, worker_environment
 from resilient.agent.worker_service import WorkerService, serve
+from resilient.agent.waker import Waker
 from resilient.agent.zygote import ZygoteClient
 from resilient.errors import (
     EtcdError,
@@ -181,8 +182,8 @@ class NodeAgent:
         self.finished: set[int] = set()  # slots whose worker exited 0 in the current generation
         self._round: _Round | None = None
         self._round_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._preempt = False
+        self._wake = Waker()  # not a threading.Event: signal handlers set it (see waker.py)
+        self._preempt: str | None = None  # the stop signal's name, once one arrived
         self._fault_gens: set[int] = set()
         self._attempt = 0
         self._first_step_pending: tuple[float, int] | None = None  # (fault mono, generation)
@@ -290,7 +291,8 @@ class NodeAgent:
             self.metrics.spawn_seconds.labels(h.how).set(max(0.0, time.monotonic() - h.started_mono))
 
     def _replication_bytes(self) -> None:
-        """Feed ``resilient_replication_bytes`` from the shard manager's counter (multi-node only)."""
+        """Feed ``resilient_replication_bytes`` from the shard manager's counter and
+        ``resilient_snapshot_host_bytes`` from its segments (multi-node only)."""
         manager = getattr(self.snapshots, "manager", None)
         stats = getattr(manager, "stats", None)
         sent = getattr(stats, "sent_bytes", None)
@@ -299,6 +301,7 @@ class NodeAgent:
         if sent > self._sent_bytes:
             self.metrics.replication_bytes.inc(sent - self._sent_bytes)
         self._sent_bytes = sent
+        self.metrics.snapshot_host_bytes.set(manager.host_memory_bytes())
 
     # ------------------------------------------------------------------------------------------------
     # main loop
@@ -345,15 +348,14 @@ class NodeAgent:
                     len(self.finished) == len(self.handles):
                 return self._succeeded()
             self._wake.wait(interval)
-            self._wake.clear()
 
     def _install_signals(self) -> None:
+        # Handlers only set a flag and wake the loop: no logging or locks here (the main thread may hold the
+        # very lock a handler would take; see waker.py). The loop logs when it acts on the flag.
         def on_term(signum, _frame):
             if self._preempt and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            log.warning("received %s: stopping this node's workers after their current step",
-                        signal.Signals(signum).name)
-            self._preempt = True
+            self._preempt = signal.Signals(signum).name
             self._wake.set()
 
         signal.signal(signal.SIGTERM, on_term)
@@ -560,7 +562,14 @@ class NodeAgent:
             self.rdzv.publish_fault(gen, "worker.exit", {"rank": h.rank, "exitcode": code, "pid": h.pid,
                                                          "hung": hung})
         except FencedError as exc:
-            log.info("the fault of generation %d was not published: the job moved on (%s)", gen, exc)
+            # The job moved past this generation without this node (its lease expired while it was
+            # paused, or the job closed): no peer starts a round for this worker, so this node rejoins.
+            # join() brings it into the newest generation, or reports the job closed and the agent exits.
+            log.info("the fault of generation %d was not published: the job moved on (%s); rejoining", gen, exc)
+            with self._round_lock:
+                if self._round is None:
+                    self._round = _Round(gen, f"fenced:{self.s.node_id}", detected)
+            self._wake.set()
             return
         except EtcdError as exc:
             log.warning("could not publish the fault of generation %d (%s); recovering anyway", gen, exc)
@@ -625,7 +634,7 @@ class NodeAgent:
         if step > self._last_progress:
             self._last_progress = step
             try:
-                self.rdzv.report_progress(step)
+                self.rdzv.report_progress(step, wait=False)  # the monitor loop never waits on etcd
             except EtcdError as exc:
                 log.debug("progress report failed: %s", exc)
         if self._first_step_pending is not None:
@@ -646,6 +655,7 @@ class NodeAgent:
         return EXIT_OK, "succeeded"
 
     def _preempted(self) -> tuple[int, str]:
+        log.warning("received %s: stopping this node's workers after their current step", self._preempt)
         events.emit("agent.preempted", node=self.s.node_id)
         registered = [h for h in self.handles.values() if h.alive and h.registered]
         others = [h for h in self.handles.values() if h.alive and not h.registered]

@@ -19,6 +19,7 @@ completed steps and ``restored_step`` after a recovery is that count.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -29,6 +30,7 @@ from resilient import events, logs
 from resilient.data import ElasticSampler
 from resilient.elastic import capture as cap
 from resilient.elastic import rng
+from resilient.elastic.cadence import SnapshotCadence
 from resilient.elastic.snapshots import LoadedSnapshot, SnapshotWriter, load_snapshot
 from resilient.errors import GenerationChangedError, StateError
 from resilient.runtime.api import WorkerAssignment, WorkerRuntime
@@ -36,7 +38,6 @@ from resilient.runtime.api import WorkerAssignment, WorkerRuntime
 log = logs.get_logger(__name__)
 
 STATE_NAME = "_state"  # ctx.state in the snapshot
-FINAL_SNAPSHOT_COMMIT_WAIT_S = 30.0  # the final snapshot waits at least this long for the previous one to commit
 RNG_PREFIX = "_rng"
 
 
@@ -65,13 +66,16 @@ class Context:
         commit_wait_s: float = 0.0,
     ) -> None:
         self._runtime = runtime
-        self._commit_wait_s = commit_wait_s
-        self._abandoned: tuple[int, int] | None = None  # pending (step, generation) whose commit wait timed out
+        self._commit_wait_s = commit_wait_s  # how long the final snapshot waits for its commit
         self._assignment = assignment
         self.device = device
         self._writer = writer
         writer.finish()  # an overlapped snapshot of the previous incarnation: sealed before anything changes
         self._snapshot_every = snapshot_every
+        if writer.cadence is None or writer.cadence.every != snapshot_every:
+            writer.cadence = SnapshotCadence(snapshot_every)  # kept across in-process recoveries, like the writer
+        self._cadence = writer.cadence
+        self._cadence.new_generation()
         self.seed = seed
         self._recovery = recovery
         self._source = runtime.restore_source()
@@ -85,7 +89,6 @@ class Context:
         self._stopped = False  # the loop ended early on a stop request (preemption)
         self._completed = 0 if self._source is None else self._source.step
         self._last_snapshot: int | None = None if self._source is None else self._source.step
-        self._skipped_snapshots = 0
 
     # --- who and where ------------------------------------------------------------------------------
     @property
@@ -249,8 +252,7 @@ class Context:
             self._runtime.beat(step)
             self._writer.poll()  # seal an overlapped snapshot whose copy has finished (never blocks)
             events.emit("step.done", step=step, gen=self.generation, world_size=self.world_size)
-            if self._snapshot_every and self._completed % self._snapshot_every == 0:
-                self.snapshot()
+            self._periodic_snapshot()
 
     def _begin(self) -> None:
         if self._started:
@@ -293,37 +295,38 @@ class Context:
             self._recovery = None
 
     # --- snapshots --------------------------------------------------------------------------------------
-    def snapshot(self, *, wait_commit: float | None = None) -> int | None:
-        """Snapshot the protected state now (state after ``completed_steps`` steps); returns the step count,
-        or None where snapshots are off (plain torchrun) or skipped.
+    def _periodic_snapshot(self) -> None:
+        """The step loop's snapshot, on the cadence every rank follows (``resilient.elastic.cadence``): every
+        ``snapshot_every`` steps, thinned to a power-of-two stride while replication is behind."""
+        cadence = self._cadence
+        committed = self._runtime.committed_step()
+        cadence.observe(self._completed, committed)
+        if not cadence.every or self._completed % cadence.every:
+            return
+        if cadence.pending(committed):
+            committed = self._runtime.poll_committed()  # the cheap view may lag: ask the owner before thinning
+            cadence.observe(self._completed, committed)
+        due = cadence.due(self._completed, committed)
+        change = cadence.last_change
+        if change is not None:
+            log.log(logging.WARNING if change.new == cadence.max_stride else logging.INFO,
+                    "snapshot stride %d -> %d (%s): periodic snapshots every %d steps", change.old, change.new,
+                    change.reason, change.new * cadence.every)
+            events.emit("snapshot.cadence", step=self._completed, stride=change.new, every=cadence.every,
+                        reason=change.reason)
+        if due:
+            self.snapshot()
+            cadence.took(self._completed)
 
-        A snapshot never overwrites the only local copy of the committed step while the previous snapshot
-        is still being replicated: it first waits up to ``wait_commit`` seconds (default: the context's
-        ``commit_wait_s``) for that commit, beating meanwhile, and is skipped (event ``snapshot.skipped``)
-        only when the commit does not come in time. After such a timeout later snapshots do not wait again
-        for the same pending step."""
+    def snapshot(self) -> int | None:
+        """Snapshot the protected state now (state after ``completed_steps`` steps); returns the step count,
+        or None where snapshots are off (plain torchrun).
+
+        Never waits for a commit: the copy goes to the slot that does not hold the committed step (see
+        ``SnapshotWriter.keep_step``), so the committed copy survives however far replication lags."""
         if not getattr(self._runtime, "keeps_snapshots", True):
             return None
         step = self._completed
-        wait = self._commit_wait_s if wait_commit is None else wait_commit
-        pending = self._writer.pending_step()
-        if pending is not None and pending == self._abandoned:
-            wait = 0.0
-        began = time.monotonic()
-        if not self._writer.wait_until_safe(wait, self.generation, beat=lambda: self._runtime.beat(step - 1),
-                                            cancelled=self._runtime.pending_generation):
-            self._skipped_snapshots += 1
-            if self._runtime.pending_generation():
-                events.emit("snapshot.skipped", step=step, reason="the generation is over",
-                            committed=self._runtime.committed_step(), waited_s=round(time.monotonic() - began, 6))
-                return None
-            if wait > 0:
-                self._abandoned = pending
-                log.warning("the snapshot of step %s was not committed within %.1fs: skipping snapshots until it "
-                            "commits (the committed step stays the restore point)", pending and pending[0], wait)
-            events.emit("snapshot.skipped", step=step, reason="previous snapshot not committed yet",
-                        committed=self._runtime.committed_step(), waited_s=round(time.monotonic() - began, 6))
-            return None
         for obj in self._objects.values():
             if isinstance(obj, ElasticSampler):
                 obj.set_step(step)
@@ -345,8 +348,20 @@ class Context:
         return step
 
     def _final_snapshot(self) -> None:
-        if self._last_snapshot != self._completed and (self._objects or self._state):
-            self.snapshot(wait_commit=max(FINAL_SNAPSHOT_COMMIT_WAIT_S, self._commit_wait_s))
+        """At the end (or on a stop request): snapshot the last step, then wait up to ``commit_wait_s`` for
+        its commit, so that the job ends (or is preempted) with its final state committed."""
+        if not (self._objects or self._state) or not getattr(self._runtime, "keeps_snapshots", True):
+            return
+        if self._last_snapshot != self._completed:
+            self.snapshot()
+        step = self._completed
+        if self._writer.wait_committed(step, self._commit_wait_s, beat=lambda: self._runtime.beat(step - 1),
+                                       cancelled=self._runtime.pending_generation):
+            return
+        log.warning("the final snapshot of step %d was not committed within %.0fs (committed: %s); a restart "
+                    "resumes from the committed step", step, self._commit_wait_s, self._runtime.committed_step())
+        events.emit("snapshot.uncommitted", step=step, committed=self._runtime.committed_step(),
+                    waited_s=self._commit_wait_s)
 
     def _finish(self) -> dict[str, Any]:
         """After the train function returned: final snapshot, ``train.done`` with the state hash."""

@@ -48,9 +48,12 @@ class ElasticConfig:
     seed: int = 0  # seeds per-rank RNGs after a world-size change (with step and rank)
     pg_timeout_s: float = 300.0  # collective timeout (failures are detected by the agent, not by this)
     generation_timeout_s: float = 1800.0  # longest wait for the next generation
-    # a snapshot that would overwrite the only local copy of the committed step first waits this long for the
-    # previous snapshot to commit (every rank then snapshots the same steps); skipped after that
+    # the final snapshot (end of training, or a stop request) waits this long for its commit before the
+    # function returns; periodic snapshots never wait (see resilient.elastic.cadence)
     commit_wait_s: float = 30.0
+    # data-parallel deduplication: model and optimizer state is the same on every rank, so each rank
+    # snapshots only its 1/N slice of it (and its own per-rank state); restore puts the whole back together
+    dedup: bool = False
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 0:
@@ -78,11 +81,13 @@ def elastic(
     pg_timeout_s: float = 300.0,
     generation_timeout_s: float = 1800.0,
     commit_wait_s: float = 30.0,
+    dedup: bool | None = None,
     runtime: Callable[[], WorkerRuntime] | None = None,
 ) -> Any:
     """Decorate ``fn(ctx, *args, **kwargs)``; usable bare (``@elastic``) or with arguments.
 
-    ``runtime`` is a factory for the ``WorkerRuntime`` (default: chosen from the environment)."""
+    ``runtime`` is a factory for the ``WorkerRuntime`` (default: chosen from the environment).
+    ``dedup=True`` (default: ``RESILIENT_DEDUP``): data-parallel deduplication, see ``resilient.elastic.dedup``."""
 
     def wrap(train: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(train)
@@ -95,6 +100,7 @@ def elastic(
                 pg_timeout_s=pg_timeout_s,
                 generation_timeout_s=generation_timeout_s,
                 commit_wait_s=commit_wait_s,
+                dedup=env.get_bool(env.DEDUP) if dedup is None else dedup,
             )
             return Driver(train, config, runtime).run(args, kwargs)
 
@@ -167,7 +173,7 @@ class Driver:
             runtime = runtime_from_env()
         else:
             runtime = self._runtime_factory()
-        writer = SnapshotWriter(runtime)
+        writer = SnapshotWriter(runtime, dedup=self.config.dedup)
         try:
             return self._loop(runtime, writer, args, kwargs)
         except Exception as exc:

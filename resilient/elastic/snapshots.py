@@ -6,7 +6,9 @@ only time the training thread blocks), then tells the runtime, which replicates 
 blocking the caller. When the state grows past the segment (optimizer state appears after the first
 step, a user value grows), it asks the runtime for a bigger segment and says so in the log.
 
-``load_snapshot`` reads the committed snapshot named by the runtime's ``RestoreSource``, verified.
+``load_snapshot`` reads the committed snapshot named by the runtime's ``RestoreSource``, verified; a
+sliced snapshot (``dedup=True``: each rank wrote only its slice of the data-parallel state) is put back
+together from every slice of the step (``RestoreSource.slices``, see ``resilient.elastic.dedup``).
 
 With CUDA state and a CUDA-enabled native store the copy overlaps training: ``write`` only queues the
 device-to-host copy (``Segment.write_async``) and returns. Every ``guard``-ed optimizer's step (a step
@@ -27,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from resilient import events, logs
+from resilient.elastic import dedup
 from resilient.elastic.capture import Captured, load_meta
 from resilient.errors import StateError, StoreError, StoreSpaceError
 from resilient.runtime.api import RestoreSource, WorkerRuntime
@@ -36,7 +39,7 @@ from resilient.store.layout import ALIGN, align
 log = logs.get_logger(__name__)
 
 SEGMENT_HEADROOM_BYTES = 64 << 10  # extra slot bytes asked for whenever a segment is (re)created
-COMMIT_POLL_S = 0.005  # poll interval while a snapshot waits for the previous one to commit
+COMMIT_POLL_S = 0.005  # poll interval while the final snapshot waits for its commit
 
 
 def required_capacity(captured: Captured) -> int:
@@ -61,14 +64,16 @@ class SnapshotWriter:
     """Writes captures into the runtime's segment for this worker (see the module docstring);
     ``overlap=False`` keeps every copy synchronous."""
 
-    def __init__(self, runtime: WorkerRuntime, *, overlap: bool = True) -> None:
+    def __init__(self, runtime: WorkerRuntime, *, overlap: bool = True, dedup: bool = False) -> None:
         self._runtime = runtime
+        self.dedup = dedup  # data-parallel deduplication: write only this rank's slice (``resilient.elastic.dedup``)
         self._segment: Segment | None = None
         self._layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
         self.last_stall_s: float | None = None
         self._inflight: _InFlight | None = None  # the overlapped snapshot not sealed yet
         self._guarded: weakref.WeakSet = weakref.WeakSet()  # optimizers whose step() waits for it
         self._overlap: bool | None = None if overlap else False  # Segment.overlap_available(), asked once
+        self.cadence = None  # the step loop's SnapshotCadence, kept across in-process recoveries
 
     @property
     def segment(self) -> Segment | None:
@@ -93,53 +98,39 @@ class SnapshotWriter:
             self._segment = Segment.open(name)
         return self._segment
 
-    def overwrites_committed(self, generation: int | None = None, committed: int | None = None) -> bool:
-        """True when the next write would destroy the only local copy of the committed step.
+    def keep_step(self) -> int | None:
+        """The committed step whose local copy the next write must not overwrite (None: nothing to keep).
 
-        A segment has two slots and a write goes to the one not sealed last. When the newest sealed step is
-        not committed yet, the other slot may still hold the committed step: overwriting it would leave this
-        host with no committed copy until the newer step commits. The newest step is still pending only
-        while it belongs to the current ``generation``: commits are fenced by generation, so a step sealed in
-        an older one can never commit and waiting for it would wait forever.
-        ``generation`` None: the newest step is taken as current. ``committed`` defaults to the runtime's
-        cheap view (``committed_step``).
+        A segment has two slots. The next write goes to the slot not sealed last, unless that slot holds the
+        committed step: then it replaces the newest, uncommitted snapshot instead (``Segment.write``), so
+        this host always keeps its copy of the committed step and a snapshot never waits for a commit. The
+        runtime's cheap view of the committed step may lag; before overwriting the newest snapshot the
+        owner is asked (``poll_committed``), because that newest snapshot may be the committed one already.
         """
         self.finish()
         segment = self._segment
-        latest = None if segment is None else segment.latest()
-        if latest is None:
-            return False
-        if committed is None:
-            committed = self._runtime.committed_step()
-        if committed is None or committed >= latest.step:
-            return False
-        if generation is not None and latest.generation < generation:
-            return False
-        target = next(info for info in segment.slots() if info.slot != latest.slot)
-        return target.sealed and target.step == committed
+        committed = self._runtime.committed_step()
+        if segment is None or committed is None:
+            return committed
+        latest = segment.latest()
+        if latest is not None and latest.step != committed and segment.target_slot(committed) == latest.slot:
+            polled = self._runtime.poll_committed()
+            if polled is not None and polled > committed:
+                committed = polled
+        return committed
 
-    def pending_step(self) -> tuple[int, int] | None:
-        """(step, generation) of the newest sealed snapshot of this worker."""
+    def wait_committed(self, step: int, timeout: float, beat: Callable[[], None] | None = None,
+                       cancelled: Callable[[], bool] | None = None) -> bool:
+        """Wait up to ``timeout`` seconds until ``step`` (or a newer one) is committed, asking the owner
+        (``poll_committed``) and calling ``beat`` meanwhile (the worker is alive, only waiting for its peers'
+        copies); gives up at once when ``cancelled()`` (a new generation was announced: this generation's
+        snapshots are fenced off and will never commit). Used for the final snapshot only: periodic ones
+        never wait."""
         self.finish()
-        latest = None if self._segment is None else self._segment.latest()
-        return None if latest is None else (latest.step, latest.generation)
-
-    def wait_until_safe(self, timeout: float, generation: int, beat: Callable[[], None] | None = None,
-                        cancelled: Callable[[], bool] | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for the pending commit that makes the next write safe; calls
-        ``beat`` while waiting (the worker is alive, only waiting for its peers' snapshots to commit) and
-        gives up at once when ``cancelled()`` (a new generation was announced: the pending step is fenced
-        off and will never commit).
-
-        Every rank snapshots the same steps, so the pending step commits once the slowest rank has sealed
-        it and its copies are placed: waiting (rather than skipping this snapshot on one rank only, which
-        would leave the ranks holding different uncommitted steps that can never commit) keeps every rank's
-        segment on the same steps."""
-        if not self.overwrites_committed(generation):
-            return True
         deadline = time.monotonic() + timeout
         while True:
-            if not self.overwrites_committed(generation, self._runtime.poll_committed()):
+            committed = self._runtime.poll_committed()
+            if committed is not None and committed >= step:
                 return True
             if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
                 return False
@@ -153,6 +144,8 @@ class SnapshotWriter:
         snapshot is sealed and reported by ``finish``."""
         self.finish()
         began = time.perf_counter()
+        if self.dedup:
+            captured = dedup.split(captured)
         nbytes = required_capacity(captured)
         layout = captured.layout()
         if self._layout is not None and layout != self._layout:
@@ -164,14 +157,15 @@ class SnapshotWriter:
                 f"{nbytes} bytes (step {step}); the runtime must honour segment_for(nbytes)."
             )
         overlapped = self._overlap_tensors(captured)
+        keep = self.keep_step()
         try:
-            pending = self._store(segment, captured, overlapped, step, generation)
+            pending = self._store(segment, captured, overlapped, step, generation, keep)
         except StoreSpaceError as exc:
             log.warning(
                 "snapshot of step %d does not fit segment %s (%s); asking for a bigger one", step, segment.name, exc
             )
             segment = self._segment_for(nbytes + nbytes // 4 + (1 << 20))
-            pending = self._store(segment, captured, overlapped, step, generation)
+            pending = self._store(segment, captured, overlapped, step, generation, keep)
         stall = time.perf_counter() - began
         self._layout = layout
         if pending is not None and not pending.sealed:
@@ -184,12 +178,12 @@ class SnapshotWriter:
 
     @staticmethod
     def _store(segment: Segment, captured: Captured, overlapped: dict[str, torch.Tensor] | None, step: int,
-               generation: int) -> PendingWrite | None:
+               generation: int, keep: int | None) -> PendingWrite | None:
         if overlapped is None:
-            segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta)
+            segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta, keep_step=keep)
             segment.seal()
             return None
-        return segment.write_async(overlapped, step=step, generation=generation, meta=captured.meta)
+        return segment.write_async(overlapped, step=step, generation=generation, meta=captured.meta, keep_step=keep)
 
     def _overlap_tensors(self, captured: Captured) -> dict[str, torch.Tensor] | None:
         """The tensors to write with the copy overlapped (unguarded CUDA tensors cloned), or None: write
@@ -316,11 +310,16 @@ def load_snapshot(source: RestoreSource, writer: SnapshotWriter | None = None) -
             f"Segment {source.segment!r} slot for step {source.step} carries meta of step {meta.get('step')}; the "
             f"snapshot is inconsistent."
         )
+    tensors = snap.tensors
+    if dedup.is_sliced(meta):  # a data-parallel deduplicated snapshot: put the whole back from every slice
+        slices = source.slices or ((source.segment,) if meta[dedup.META_KEY]["world_size"] == 1 else ())
+        tensors = dedup.assemble(meta, tensors, slices, step=snap.step, generation=snap.generation,
+                                 own_segment=writer.segment if writer is not None else None)
     return LoadedSnapshot(
         step=snap.step,
         generation=snap.generation,
         meta=meta,
-        tensors=snap.tensors,
+        tensors=tensors,
         seconds=time.perf_counter() - began,
         verified=True,
     )

@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from resilient import events
+from resilient import failpoints
 from resilient.errors import (
     ChecksumError,
     EtcdError,
+    FailpointError,
     FencedError,
     ReplicationError,
     StoreError,
@@ -52,6 +54,7 @@ from resilient.keys import JobKeys
 from resilient.logs import get_logger
 from resilient.replication import placement as placement_mod
 from resilient.replication import restore as restore_mod
+from resilient.replication import slices as slices_mod
 from resilient.replication.commit import COMMIT, CommitExecutor, read_commit, read_manifests
 from resilient.replication.local import LocalShards, digest_of, verify
 from resilient.replication.manifest import CommitRecord, ShardManifest
@@ -61,6 +64,7 @@ from resilient.replication.peer_service import (
     PeerHandler,
     PeerRefused,
     PeerServicer,
+    PeerTLS,
     Sender,
     start_server,
 )
@@ -74,6 +78,7 @@ log = get_logger(__name__)
 
 REPLAN_WAIT_S = 30.0  # how long a restore that voided the memory step waits for the next generation
 REPLAN_POLL_S = 0.05
+STRIPE_MIN_BYTES = 4 << 20  # smaller shards are pulled whole from one holder (striping costs a round trip each)
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -96,6 +101,14 @@ class _Job:
 class _Expected:
     deadline: float
     done: threading.Event = field(default_factory=threading.Event)
+
+
+class _SliceMissing(Exception):
+    """A slice of a deduplicated step has no verified copy to restore from (internal to the restore)."""
+
+    def __init__(self, rank: int, what: str) -> None:
+        super().__init__(what)
+        self.rank = rank
 
 
 @dataclass
@@ -134,7 +147,9 @@ class ShardManager(PeerHandler):
         self.local = LocalShards(keys.job, node.node_id, shm_dir)
         self.executor = CommitExecutor(kv, keys, rendezvous)
         self.authority = PeerAuthority(keys.job, node.node_id, self.token)
-        self.client = PeerClient(self.authority, self._gen_or_zero, self.settings.rpc_timeout_s, self.settings.max_message_bytes)
+        self.tls = PeerTLS.from_env()  # optional mTLS of the peer control channel
+        self.client = PeerClient(self.authority, self._gen_or_zero, self.settings.rpc_timeout_s, self.settings.max_message_bytes,
+                                 tls=self.tls)
         self.stats = Stats()
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
@@ -145,6 +160,7 @@ class ShardManager(PeerHandler):
         self._order: list[int] = []
         self._active: set[int] = set()
         self._expect: dict[tuple[int, int, int], _Expected] = {}
+        self._fetching: dict[tuple[int, int, int], threading.Lock] = {}  # one restore fetch per shard at a time
         self._bucket = (
             TokenBucket(self.settings.rate_limit_bps, self.settings.rate_limit_bps * 0.25, time.monotonic())
             if self.settings.rate_limit_bps
@@ -157,6 +173,7 @@ class ShardManager(PeerHandler):
         self._watch: WatchHandle | None = None
         self.peer_address: str | None = None
         self.bulk_address: str | None = None
+        self.stripe_min_bytes = STRIPE_MIN_BYTES  # a shard at least this big is pulled striped across its holders
         # (rank, assignment, reason) -> RestoreSource | None: restore from the durable tier
         self.durable_fallback: Callable[[int, object, str], RestoreSource | None] | None = None
 
@@ -171,7 +188,7 @@ class ShardManager(PeerHandler):
         )
         self.bulk_address = f"{bhost}:{self._receiver.address[1]}"
         servicer = PeerServicer(self, self.authority)
-        self._server, self.peer_address = start_server(servicer, self.node.addr, self.settings.max_message_bytes)
+        self._server, self.peer_address = start_server(servicer, self.node.addr, self.settings.max_message_bytes, tls=self.tls)
         self.node = dataclasses.replace(self.node, addr=self.peer_address, bulk_addr=self.bulk_address)
         record, _ = read_commit(self.kv, self.keys)
         self._advance_committed(record)
@@ -290,7 +307,7 @@ class ShardManager(PeerHandler):
                 assignment, placement = self._assignment, self._placement
             try:
                 self._replicate_once_more_on_etcd_error(job, assignment, placement)
-            except (ReplicationError, TransportError, StoreError, FencedError) as exc:
+            except (ReplicationError, TransportError, StoreError, FencedError, FailpointError) as exc:
                 self._skip(job, str(exc))
             except EtcdError as exc:
                 self._skip(job, f"etcd failed while replicating or committing it ({type(exc).__name__}: {exc})", cause="etcd")
@@ -325,15 +342,15 @@ class ShardManager(PeerHandler):
         return None
 
     def _pace(self, nbytes: int) -> None:
+        """Block until ``nbytes`` more may be sent under the rate limit (a reservation in the shared bucket);
+        ``send_slot(..., pace=self._pace)`` calls it for every piece of a transfer, so a big shard is paced
+        inside its transfer rather than bursting at line rate."""
         if self._bucket is None:
             return
-        while True:
-            with self._lock:
-                wait = self._bucket.delay(time.monotonic())
-                if wait <= 0:
-                    self._bucket.charge(nbytes, time.monotonic())
-                    return
-            time.sleep(min(wait, 0.5))
+        with self._lock:
+            wait = self._bucket.reserve(nbytes, time.monotonic())
+        if wait > 0:
+            time.sleep(wait)
 
     def _replicate(self, job: _Job, assignment, placement: placement_mod.Placement) -> None:
         if assignment is None or placement is None or assignment.generation != job.generation:
@@ -351,6 +368,7 @@ class ShardManager(PeerHandler):
             nbytes=nbytes, checksum=digest, owner=self.node.node_id, holders=(self.node.node_id,),
         )
         self.executor.write_manifest(job.generation, manifest)
+        failpoints.hit("repl.manifest.after_write", rank=job.rank, step=job.step)
         ref = pb.ShardRef(rank=job.rank, step=job.step, shard_generation=job.generation, nbytes=nbytes, world_size=assignment.world_size)
         for peer in placement.peers(job.rank):
             why = self._superseded(job)
@@ -360,15 +378,17 @@ class ShardManager(PeerHandler):
             reply = self.client.offer(entry.addr, ref)
             if not reply.accepted:
                 raise ReplicationError(f"peer {peer} refused the offer: {reply.reason}")
-            self._pace(nbytes)
+            failpoints.hit("repl.send.after_offer", rank=job.rank, step=job.step, to=peer)
             remaining = self.settings.replicate_timeout_s - (time.monotonic() - job.queued_at)
             if remaining <= 0:
                 raise ReplicationError(f"not replicated within {self.settings.replicate_timeout_s:g}s")
-            sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining)
+            sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining,
+                             pace=self._pace if self._bucket is not None else None)
             with self._lock:
                 self.stats.sent_bytes += sent
                 self.stats.sent_shards += 1
             events.emit("replica.sent", rank=job.rank, step=job.step, to=peer, bytes=sent)
+            failpoints.hit("repl.send.after_transfer", rank=job.rank, step=job.step, to=peer)
             manifest = manifest.with_holder(peer)
             self.executor.write_manifest(job.generation, manifest)
         self._try_commit(job.generation, assignment.world_size, job.step, placement)
@@ -469,7 +489,7 @@ class ShardManager(PeerHandler):
         if exp is not None:
             exp.done.set()
 
-    def handle_pull(self, sender: Sender, ref, bulk_addr: str) -> pb.PullReply:
+    def handle_pull(self, sender: Sender, ref, bulk_addr: str, byte_range: tuple[int, int] | None = None) -> pb.PullReply:
         with self._lock:
             a = self._assignment
         entry = a.entry(sender.node_id) if a is not None else None
@@ -484,7 +504,8 @@ class ShardManager(PeerHandler):
             except ChecksumError as exc:
                 self._report_corrupt(ref.rank, ref.step, self.node.node_id, str(exc))
                 continue
-            sent = send_slot(seg, slot, split_hostport(bulk_addr), self.token, timeout=self.settings.replicate_timeout_s)
+            sent = send_slot(seg, slot, split_hostport(bulk_addr), self.token, timeout=self.settings.replicate_timeout_s,
+                             pace=self._pace if self._bucket is not None else None, byte_range=byte_range)
             with self._lock:
                 self.stats.sent_bytes += sent
             return pb.PullReply(ok=True, nbytes=sent)
@@ -551,7 +572,8 @@ class ShardManager(PeerHandler):
         held = {r for r in manifests if self.local.find(r, committed.step, committed.generation)}
         members = set(assignment.node_ids)
         listed = restore_mod.listed_here(held, manifests, self.node.node_id)
-        lost = restore_mod.unrecoverable(committed, manifests, listed, members, assignment.world_size)
+        sliced = any(self._marker(r, committed.step, committed.generation) is not None for r in held)
+        lost = restore_mod.unrecoverable(committed, manifests, listed, members, assignment.world_size, need_all=sliced)
         if lost:
             # decided from etcd and the membership alone, so every agent decides the same: no step mix
             return self._durable(rank, assignment, f"committed step {committed.step} has no surviving copy of "
@@ -566,11 +588,16 @@ class ShardManager(PeerHandler):
                 continue
             src = self._restore_from(plan, assignment, t0)
             if src is not None:
-                return src
+                try:
+                    return self._with_slices(src, rank, assignment, committed, manifests, held, members, t0)
+                except _SliceMissing as exc:
+                    tried.append(str(exc))
+                    failed.append(exc.rank)
+                break  # every rank's slice is needed: no other choice of source can do without this one
             tried.append(f"rank {source}'s shard (local: {plan.local}, holders: {list(plan.peers)})")
             failed.append(source)
         reason = f"no verified copy of committed step {committed.step} could be fetched ({'; '.join(tried) or 'no manifest'})"
-        if failed and self._void_memory_step(committed, {r: manifests[r] for r in failed}, members,
+        if failed and self._void_memory_step(committed, {r: manifests[r] for r in failed if r in manifests}, members,
                                              assignment.generation, reason):
             raise ReplicationError(f"Rank {rank} has no restore source in generation {assignment.generation}: {reason}; "
                                    f"that generation is over and generation {assignment.generation + 1} re-plans "
@@ -599,11 +626,54 @@ class ShardManager(PeerHandler):
             time.sleep(REPLAN_POLL_S)
         return True
 
-    def _restore_from(self, plan: restore_mod.RestorePlan, assignment, t0: float) -> RestoreSource | None:
+    def _marker(self, rank: int, step: int, generation: int, segment: str | None = None) -> slices_mod.Marker | None:
+        """The slice marker of the local copy of ``rank``'s shard of (step, generation) (in ``segment`` when
+        named), None when no such copy is here or it holds a whole snapshot."""
+        for seg, slot in self.local.find(rank, step, generation):
+            if segment is None or seg.name == segment:
+                try:
+                    return slices_mod.marker_of(seg, slot)
+                except (StoreError, ChecksumError) as exc:
+                    log.warning("cannot read the slice marker of %s: %s", seg.name, exc)
+        return None
+
+    def _with_slices(self, src: RestoreSource, rank: int, assignment, committed: CommitRecord,
+                     manifests: dict[int, ShardManifest], held: set[int], members: set[str], t0: float) -> RestoreSource:
+        """``src`` itself for a whole snapshot; for a sliced one (dedup), ``src`` with the local segment of
+        every rank's slice of the step, each fetched like a shard (local verified copy, else a holder)."""
+        marker = self._marker(src.source_rank, src.step, src.generation, src.segment)
+        if marker is None:
+            return src
+        names = []
+        for r in range(marker.world_size):
+            if r == src.source_rank:
+                names.append(src.segment)
+                continue
+            plan = restore_mod.plan(rank, assignment.world_size, self.node.node_id, committed, manifests, held,
+                                    members, source=r)
+            got = self._restore_from(plan, assignment, t0, announce=False) if plan is not None else None
+            if got is None:
+                raise _SliceMissing(r, f"rank {r}'s slice of the deduplicated step {src.step} (holders: "
+                                       f"{list(plan.peers) if plan is not None else 'no manifest'})")
+            names.append(got.segment)
+        log.info("rank %d restores step %d from %d slices (dedup)", rank, src.step, len(names))
+        return dataclasses.replace(src, slices=tuple(names))
+
+    def _restore_from(self, plan: restore_mod.RestorePlan, assignment, t0: float,
+                      announce: bool = True) -> RestoreSource | None:
         if plan.local:
             for seg, slot in self.local.find(plan.source_rank, plan.step, plan.generation):
                 if self._check_copy(seg, slot, plan, self.node.node_id):
-                    return self._source(plan, seg.name, self._origin_of(seg, plan), t0)
+                    return self._source(plan, seg.name, self._origin_of(seg, plan), t0, announce)
+        if len(plan.peers) > 1 and plan.nbytes >= self.stripe_min_bytes:
+            try:
+                name, used = self._pull_striped(plan, assignment)
+            except (PeerRefused, ReplicationError, TransportError, StoreError) as exc:
+                log.warning("striped restore of rank %d's shard from %s failed (%s); pulling it whole from one holder",
+                            plan.source_rank, list(plan.peers), exc)
+                name, used = None, []
+            if name is not None:
+                return self._source(plan, name, "peer:" + "+".join(used), t0, announce)
         for peer in plan.peers:
             entry = assignment.entry(peer)
             try:
@@ -612,7 +682,7 @@ class ShardManager(PeerHandler):
                 log.warning("restore of rank %d from %s failed: %s", plan.rank, peer, exc)
                 continue
             if name is not None:
-                return self._source(plan, name, f"peer:{peer}", t0)
+                return self._source(plan, name, f"peer:{peer}", t0, announce)
         return None
 
     def _origin_of(self, seg, plan: restore_mod.RestorePlan) -> str:
@@ -624,6 +694,16 @@ class ShardManager(PeerHandler):
     def _durable(self, rank: int, assignment, reason: str, required: bool = False) -> RestoreSource | None:
         fallback = self.durable_fallback
         src = fallback(rank, assignment, reason) if fallback is not None else None
+        marker = self._marker(src.source_rank, src.step, src.generation, src.segment) if src is not None else None
+        if marker is not None:  # a deduplicated checkpoint: every rank's slice from the durable tier too
+            names = []
+            for r in range(marker.world_size):
+                part = src if r == src.source_rank else fallback(r, assignment, reason)
+                if part is None or (part.step, part.generation) != (src.step, src.generation):
+                    raise ReplicationError(f"Rank {rank} cannot be restored: rank {r}'s slice of the deduplicated "
+                                           f"durable checkpoint of step {src.step} could not be loaded ({reason}).")
+                names.append(part.segment)
+            src = dataclasses.replace(src, slices=tuple(names))
         if src is not None or not required:
             if src is None:
                 log.info("rank %d: no restore source (%s; no durable checkpoint either)", rank, reason)
@@ -632,6 +712,77 @@ class ShardManager(PeerHandler):
                                "loaded (run with --persist-dir to have one).")
 
     def _pull(self, plan: restore_mod.RestorePlan, peer: str, entry) -> str | None:
+        key = (plan.source_rank, plan.step, plan.generation)
+        with self._lock:
+            fetch = self._fetching.setdefault(key, threading.Lock())
+        with fetch:  # one fetch per shard: the local ranks of a deduplicated step all need the same slices
+            for s, slot in self.local.find(*key):  # fetched meanwhile for another rank of this node
+                if self._check_copy(s, slot, plan, self.node.node_id):
+                    return s.name
+            return self._pull_once(plan, peer, entry)
+
+    def _pull_striped(self, plan: restore_mod.RestorePlan, assignment) -> tuple[str | None, list[str]]:
+        """Pull one shard from all its holders at once: disjoint byte ranges (one per holder, in the plan's
+        order), each streamed by its holder into this node's receiver, which verifies every chunk and seals
+        the slot when the last stripe is in. A stripe whose holder fails is asked of the next holder.
+        Returns the segment name (None: not verified) and the holders that served stripes."""
+        key = (plan.source_rank, plan.step, plan.generation)
+        with self._lock:
+            fetch = self._fetching.setdefault(key, threading.Lock())
+        with fetch:
+            for s, slot in self.local.find(*key):  # fetched meanwhile for another rank of this node
+                if self._check_copy(s, slot, plan, self.node.node_id):
+                    return s.name, [self.node.node_id]
+            peers = list(plan.peers)
+            ranges = restore_mod.stripes(plan.nbytes, len(peers))
+            exp = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
+            seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes)
+            with self._lock:
+                self._expect[key] = exp
+            ref = pb.ShardRef(rank=plan.source_rank, step=plan.step, shard_generation=plan.generation, nbytes=plan.nbytes,
+                              world_size=plan.world_size)
+            used: list[str] = []
+            errors: list[str] = []
+
+            def fetch_stripe(i: int) -> None:
+                for k in range(len(peers)):
+                    peer = peers[(i + k) % len(peers)]
+                    try:
+                        reply = self.client.pull(assignment.entry(peer).addr, ref, self.bulk_address,
+                                                 timeout=self.settings.replicate_timeout_s, byte_range=ranges[i])
+                    except (PeerRefused, ReplicationError, TransportError, StoreError) as exc:
+                        errors.append(f"{peer}: {exc}")
+                        continue
+                    if reply.ok:
+                        used.append(peer)
+                        return
+                    if reply.corrupt:
+                        self._report_corrupt(plan.source_rank, plan.step, peer, reply.reason)
+                    errors.append(f"{peer}: {reply.reason}")
+
+            threads = [threading.Thread(target=fetch_stripe, args=(i,), name=f"stripe-{i}", daemon=True)
+                       for i in range(len(ranges))]
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(self.settings.replicate_timeout_s + self.settings.rpc_timeout_s)
+                if not exp.done.wait(self.settings.rpc_timeout_s if not errors else 0.0):
+                    raise ReplicationError(f"the stripes of rank {plan.source_rank}'s shard did not all arrive "
+                                           f"({'; '.join(errors) or 'no holder reported a failure'})")
+            finally:
+                with self._lock:
+                    self._expect.pop(key, None)
+            with self._lock:
+                self.stats.restored_bytes += plan.nbytes
+            for s, slot in self.local.find(*key):
+                if s.name == seg.name and self._check_copy(s, slot, plan, "+".join(sorted(set(used)))):
+                    log.info("rank %d's shard of step %d pulled in %d stripes from %s", plan.source_rank, plan.step,
+                             len(ranges), sorted(set(used)))
+                    return s.name, sorted(set(used))
+            return None, sorted(set(used))
+
+    def _pull_once(self, plan: restore_mod.RestorePlan, peer: str, entry) -> str | None:
         key = (plan.source_rank, plan.step, plan.generation)
         exp = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
         seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes)
@@ -657,8 +808,10 @@ class ShardManager(PeerHandler):
                 return s.name
         return None
 
-    def _source(self, plan: restore_mod.RestorePlan, segment: str, origin: str, t0: float) -> RestoreSource:
-        events.emit("restore.plan", rank=plan.rank, step=plan.step, origin=origin, source_rank=plan.source_rank,
-                    seconds=round(time.monotonic() - t0, 6))
+    def _source(self, plan: restore_mod.RestorePlan, segment: str, origin: str, t0: float,
+                announce: bool = True) -> RestoreSource:
+        if announce:
+            events.emit("restore.plan", rank=plan.rank, step=plan.step, origin=origin, source_rank=plan.source_rank,
+                        seconds=round(time.monotonic() - t0, 6))
         return RestoreSource(step=plan.step, generation=plan.generation, segment=segment, source_rank=plan.source_rank,
                              origin=origin, world_size=plan.world_size)

@@ -339,9 +339,13 @@ class Segment:
             )
         return SlotIndex(tuple(specs), meta_off, len(meta), self.chunk_size, ()), order
 
-    def write(self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b"") -> None:
-        """Copy tensors + meta into the inactive slot (checksummed); ``seal`` publishes it."""
-        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta)
+    def write(self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b"",
+              keep_step: int | None = None) -> None:
+        """Copy tensors + meta into the inactive slot (checksummed); ``seal`` publishes it.
+
+        ``keep_step``: a step whose sealed copy must survive this write (the committed step). The write goes
+        to the slot not sealed last, unless that slot holds ``keep_step``: then it replaces the newest one."""
+        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta, keep_step)
         if gpu:
             base = self._base + self._header.data_offset_of(slot)
             crcs = self._cuda_path().write(
@@ -352,7 +356,8 @@ class Segment:
         self._pending = self._index_written(slot, step, generation, index, per_tensor, meta_crcs)
 
     def write_async(
-        self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b""
+        self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b"",
+        keep_step: int | None = None,
     ) -> "PendingWrite":
         """Like ``write`` + ``seal``, but CUDA tensors are copied on a side stream while the caller goes on.
 
@@ -366,9 +371,9 @@ class Segment:
         self._check_open()
         gpu_any = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" and t.numel() for t in tensors.values())
         if not gpu_any or not self._cuda_path().can_overlap:
-            self.write(tensors, step=step, generation=generation, meta=meta)
+            self.write(tensors, step=step, generation=generation, meta=meta, keep_step=keep_step)
             return PendingWrite(self, None, self.seal())
-        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta)
+        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta, keep_step)
         base = self._base + self._header.data_offset_of(slot)
         ticket = self._cuda_path().write_async(
             [(base + index.tensors[i].offset, order[i]) for i in gpu], self.chunk_size
@@ -399,7 +404,19 @@ class Segment:
         self._publish(p.slot, p.step, p.generation, p.index.nbytes, p.blob)
         return SlotInfo(p.slot, p.step, p.generation, p.index.nbytes, True)
 
-    def _begin_write(self, tensors: dict[str, torch.Tensor], meta: bytes):
+    def target_slot(self, keep_step: int | None = None) -> int:
+        """The slot the next write goes to (see ``write``'s ``keep_step``)."""
+        latest = self._latest_slot()
+        if latest is None:
+            return 0
+        other = 1 - latest
+        if keep_step is not None:
+            rec = self._record(other)
+            if rec.seq != 0 and rec.step == keep_step and self._record(latest).step != keep_step:
+                return latest
+        return other
+
+    def _begin_write(self, tensors: dict[str, torch.Tensor], meta: bytes, keep_step: int | None = None):
         """Plan, invalidate the inactive slot, copy CPU tensors and meta; returns what the CUDA part needs."""
         self._check_open()
         self.wait_pending()
@@ -412,8 +429,7 @@ class Segment:
                 f"The tensor index of {len(order)} tensors needs {blob_size} bytes but segment {self.name!r} "
                 f"reserves {self.index_capacity}; create it with a larger index_capacity."
             )
-        latest = self._latest_slot()
-        slot = 0 if latest is None else 1 - latest
+        slot = self.target_slot(keep_step)
         self._pending = None
         self._invalidate(slot)
         base = self._base + self._header.data_offset_of(slot)
@@ -611,8 +627,7 @@ class Segment:
         """Invalidate the inactive slot for an incoming transfer; returns it."""
         self._check_open()
         self.wait_pending()
-        latest = self._latest_slot()
-        slot = 0 if latest is None else 1 - latest
+        slot = self.target_slot()
         self._pending = None
         self._invalidate(slot)
         return slot

@@ -98,9 +98,6 @@ def test_unmodified_torchrun_script_survives_a_worker_kill_by_restart(launch, tm
     assert formed and formed[0]["respawned"] == [1] and formed[0]["restarted"] == [0]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, open: in full-suite runs the second run sometimes hangs right after restoring the durable step "
-    "(both ranks restored step 6, then no progress for 120 s); passes when run alone; see the session note"))
 def test_preemption_persists_and_a_new_run_resumes_from_the_durable_tier(launch, tmp_path):
     from resilient.persist import latest_complete
 

@@ -1,4 +1,5 @@
-"""A snapshot never overwrites the only local copy of the committed step while a newer one is unreplicated."""
+"""A snapshot never overwrites the local copy of the committed step, and never waits for a commit (the final one
+excepted)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ class LaggingCommits(LocalRuntime):
         return self.held
 
 
-def test_snapshot_is_skipped_rather_than_overwrite_the_committed_copy(tmp_path, shm_dir):
-    log = tmp_path / "events.jsonl"
-    events.open_log(str(log))
+def test_a_snapshot_replaces_the_newest_uncommitted_one_rather_than_the_committed_copy(shm_dir):
     runtime = LaggingCommits()
     try:
         writer = SnapshotWriter(runtime)
@@ -31,30 +30,30 @@ def test_snapshot_is_skipped_rather_than_overwrite_the_committed_copy(tmp_path, 
                       writer=writer, snapshot_every=1, seed=0)
         model = torch.nn.Linear(4, 2)
         ctx.protect(model=model)
-        steps = ctx.steps(5)
+        steps = ctx.steps(12)
         next(steps)  # step 0 runs
-        next(steps)  # step 0 done -> snapshot of 1 (nothing committed yet: free to write)
+        next(steps)  # step 0 done -> snapshot of 1 (nothing committed yet)
         runtime.held = 1  # step 1 committed
         next(steps)  # snapshot of 2 goes into the other slot: step 1 stays
-        assert writer.overwrites_committed(), "slot of committed step 1 is the next write target"
-        next(steps)  # snapshot of 3 would overwrite step 1 while step 2 is uncommitted: skipped
-        slots = {info.step for info in writer.segment.slots() if info.sealed}
-        assert slots == {1, 2}
-        runtime.held = 2
-        assert not writer.overwrites_committed()
-        next(steps)  # snapshot of 4 replaces step 1's slot now that 2 is committed
-        slots = {info.step for info in writer.segment.slots() if info.sealed}
-        assert slots == {2, 4}
-        skipped = [e for e in events.read(str(log)) if e["kind"] == "snapshot.skipped"]
-        assert [e["step"] for e in skipped] == [3]
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {1, 2}
+        # replication lags: 2 stays uncommitted, so the cadence thins snapshots (3: stride 2, not due;
+        # 4: still pending, stride 4, due), and the one it takes replaces the uncommitted 2, never the committed 1
+        next(steps)
+        next(steps)
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {1, 4}
+        assert writer.cadence.stride == 4
+        runtime.held = 4  # seen one step after it was taken: fast enough to halve the stride again
+        for _ in range(4):
+            next(steps)  # 5, 6, 7 not due; 8 due: 4 is committed, so 8 goes into the slot of 1
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {4, 8}
+        assert writer.cadence.stride == 2
         steps.close()
     finally:
-        events.open_log(None)
         runtime.close()
 
 
 class CommitsOnPoll(LaggingCommits):
-    """Commits lag in the cheap view; asking the owner (``poll_committed``) sees them after a few polls."""
+    """Commits lag in the cheap view; asking the owner (``poll_committed``) sees them."""
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
@@ -64,23 +63,19 @@ class CommitsOnPoll(LaggingCommits):
 
     def poll_committed(self) -> int | None:
         self.polls += 1
-        if self.polls >= 3:
-            self.held = self.released
-        return self.held
+        return self.released if self.released is not None else self.held
 
     def beat(self, step: int) -> None:
         self.beats += 1
         super().beat(step)
 
 
-def test_snapshot_waits_for_the_pending_commit_while_beating_instead_of_skipping(tmp_path, shm_dir):
-    log = tmp_path / "events.jsonl"
-    events.open_log(str(log))
+def test_the_owner_is_asked_before_the_newest_snapshot_is_overwritten(shm_dir):
     runtime = CommitsOnPoll()
     try:
         writer = SnapshotWriter(runtime)
         ctx = Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"),
-                      writer=writer, snapshot_every=1, seed=0, commit_wait_s=60.0)
+                      writer=writer, snapshot_every=1, seed=0)
         ctx.protect(model=torch.nn.Linear(4, 2))
         steps = ctx.steps(5)
         next(steps)
@@ -88,35 +83,59 @@ def test_snapshot_waits_for_the_pending_commit_while_beating_instead_of_skipping
         runtime.held = 1
         next(steps)  # snapshot of 2 into the other slot
         runtime.released = 2  # step 2 commits, but only the owner knows it yet
-        beats_before = runtime.beats
-        next(steps)  # snapshot of 3 waits for the commit of 2 (beating), then replaces step 1's slot
+        polls = runtime.polls
+        next(steps)  # snapshot of 3: the cheap view says 1, the owner says 2: step 1's slot is replaced
+        assert runtime.polls > polls
         assert {i.step for i in writer.segment.slots() if i.sealed} == {2, 3}
-        assert runtime.polls >= 3 and runtime.beats > beats_before + 1
-        assert not [e for e in events.read(str(log)) if e["kind"] == "snapshot.skipped"]
+        assert writer.cadence.stride == 1, "the commit was there: no thinning"
         steps.close()
+    finally:
+        runtime.close()
+
+
+def test_the_final_snapshot_waits_for_its_commit_while_beating(tmp_path, shm_dir):
+    log = tmp_path / "events.jsonl"
+    events.open_log(str(log))
+    runtime = CommitsOnPoll()
+    try:
+        writer = SnapshotWriter(runtime)
+        ctx = Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"),
+                      writer=writer, snapshot_every=0, seed=0, commit_wait_s=60.0)
+        ctx.protect(model=torch.nn.Linear(4, 2))
+        for _ in ctx.steps(3):
+            pass
+        beats = runtime.beats
+
+        def poll() -> int | None:
+            runtime.polls += 1
+            return 3 if runtime.polls >= 5 else None
+
+        runtime.poll_committed = poll  # the final step commits after a few polls
+        ctx._finish()
+        assert runtime.polls >= 5 and runtime.beats > beats
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {3}
+        assert not [e for e in events.read(str(log)) if e["kind"] == "snapshot.uncommitted"]
     finally:
         events.open_log(None)
         runtime.close()
 
 
-def test_a_pending_step_of_an_older_generation_never_blocks_the_next_snapshot(shm_dir):
+def test_a_final_snapshot_that_never_commits_is_reported_after_the_wait(tmp_path, shm_dir):
+    log = tmp_path / "events.jsonl"
+    events.open_log(str(log))
     runtime = LaggingCommits()
     try:
         writer = SnapshotWriter(runtime)
         ctx = Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"),
-                      writer=writer, snapshot_every=1, seed=0)
+                      writer=writer, snapshot_every=0, seed=0, commit_wait_s=0.2)
         ctx.protect(model=torch.nn.Linear(4, 2))
-        steps = ctx.steps(4)
-        next(steps)
-        next(steps)  # snapshot of 1
-        runtime.held = 1
-        next(steps)  # snapshot of 2 (uncommitted), step 1 in the other slot
-        gen = runtime.assignment().generation
-        assert writer.overwrites_committed(gen)
-        # commits are fenced by generation: step 2 of generation `gen` can never commit once gen+1 formed
-        assert not writer.overwrites_committed(gen + 1)
-        steps.close()
+        for _ in ctx.steps(2):
+            pass
+        ctx._finish()
+        late = [e for e in events.read(str(log)) if e["kind"] == "snapshot.uncommitted"]
+        assert [e["step"] for e in late] == [2]
     finally:
+        events.open_log(None)
         runtime.close()
 
 
