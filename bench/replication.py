@@ -18,7 +18,10 @@ removed. The figure is the time from the SIGSTOP to host 1's first completed ste
     python bench/replication.py [--gb 1.0] [--repeat 3] [--lease-ttl 5]
 
 Prints one JSON line: {"replication_gbps", "tcp_gbps", "ratio", "lease_ttl_s", "host_loss_recovery_s",
-"snapshot_host_bytes", ...}.
+"snapshot_host_bytes", ...} (``snapshot_host_bytes``: ``ShardManager.host_memory_bytes()`` of the busier
+host, its own segment and the replica it keeps). Before it, one line per world size N with data-parallel
+deduplication (``--dedup-mb``): {"dedup": true, "world_size": N, "bytes_per_rank", "full_state_bytes",
+"fraction", "segment_bytes_per_rank"}.
 """
 
 from __future__ import annotations
@@ -238,6 +241,51 @@ def host_loss(gb: float, lease_ttl: int, workdir: str) -> dict:
         shutil.rmtree(shm_root, ignore_errors=True)
 
 
+def dedup_lines(mb: float, worlds: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """Per-rank snapshot bytes with data-parallel deduplication (``@resilient.elastic(dedup=True)``): a
+    model + Adam state of ``mb`` MiB of parameters, captured as a worker does, sliced for each rank of a
+    world of N and written into a real segment; the slot bytes of the largest rank beside the whole
+    (unsliced) snapshot's, and the shared memory a segment of that rank reserves (two slots)."""
+    import torch
+
+    from resilient.elastic import capture as cap
+    from resilient.elastic import dedup
+    from resilient.elastic.snapshots import required_capacity
+    from resilient.store import Segment
+
+    torch.manual_seed(0)
+    width = 1024
+    layers = max(1, int(mb * (1 << 20) / 4 / (width * width + width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, width)).square().sum().backward()
+    opt.step()
+    shm = tempfile.mkdtemp(prefix="rsl-bench-dedup-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    out = []
+    try:
+        for world in worlds:
+            per_rank, reserved, whole = 0, 0, 0
+            for rank in range(world):
+                full = cap.capture({"model": model, "optimizer": opt},
+                                   extra_meta={"step": 1, "rank": rank, "world_size": world})
+                whole = required_capacity(full)
+                sliced = dedup.split(full)
+                seg = Segment.create(f"dedup-{world}-{rank}", required_capacity(sliced), job="bench", rank=rank,
+                                     shm_dir=shm)
+                try:
+                    seg.write(sliced.tensors, step=1, generation=1, meta=sliced.meta)
+                    per_rank = max(per_rank, seg.seal().nbytes)
+                    reserved = max(reserved, os.fstat(seg.fileno).st_size)
+                finally:
+                    seg.close()
+                    seg.unlink()
+            out.append({"dedup": True, "world_size": world, "bytes_per_rank": per_rank, "full_state_bytes": whole,
+                        "fraction": round(per_rank / whole, 4), "segment_bytes_per_rank": reserved})
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     if "--worker" in sys.argv[1:]:
         argv = sys.argv[1:]
@@ -250,7 +298,12 @@ def main() -> None:
     ap.add_argument("--lease-ttl", type=int, default=5, help="lease TTL of the host-loss agents (s)")
     ap.add_argument("--no-host-loss", action="store_true", help="skip the host-loss measurement")
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    ap.add_argument("--dedup-mb", type=float, default=32.0,
+                    help="MiB of parameters (plus Adam state) for the dedup lines; 0 skips them")
     args = ap.parse_args()
+    if args.dedup_mb > 0:
+        for line in dedup_lines(args.dedup_mb):
+            print(json.dumps(line), flush=True)
     nbytes = int(args.gb * (1 << 30)) // 4096 * 4096
     loss: dict = {"host_loss_recovery_s": None}
     if not args.no_host_loss:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17resilient/v1/peer.proto\x12\x0cresilient.v1\"a\n\x08PeerAuth\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x16\n\x0eissued_unix_ms\x18\x04 \x01(\x03\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"d\n\x08ShardRef\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x18\n\x10shard_generation\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x12\n\nworld_size\x18\x05 \x01(\r\"[\n\x0cOfferRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\x12%\n\x05shard\x18\x02 \x01(\x0b\x32\x16.resilient.v1.ShardRef\".\n\nOfferReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"m\n\x0bPullRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\x12%\n\x05shard\x18\x02 \x01(\x0b\x32\x16.resilient.v1.ShardRef\x12\x11\n\tbulk_addr\x18\x03 \x01(\t\"H\n\tPullReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\x04 \x01(\x08\"V\n\x0b\x44ropRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\x12\r\n\x05ranks\x18\x02 \x03(\r\x12\x12\n\nbelow_step\x18\x03 \x01(\x04\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"P\n\x07Holding\x12%\n\x05shard\x18\x01 \x01(\x0b\x32\x16.resilient.v1.ShardRef\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\x08\";\n\x13ListHoldingsRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\"<\n\x11ListHoldingsReply\x12\'\n\x08holdings\x18\x01 \x03(\x0b\x32\x15.resilient.v1.Holding\"5\n\rStatusRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\"\xa2\x01\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x16\n\x0e\x63ommitted_step\x18\x03 \x01(\x03\x12\x19\n\x11host_memory_bytes\x18\x04 \x01(\x04\x12\x12\n\nsent_bytes\x18\x05 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07skipped\x18\x07 \x01(\x04\x32\xda\x02\n\x0bPeerService\x12=\n\x05Offer\x12\x1a.resilient.v1.OfferRequest\x1a\x18.resilient.v1.OfferReply\x12:\n\x04Pull\x12\x19.resilient.v1.PullRequest\x1a\x17.resilient.v1.PullReply\x12:\n\x04\x44rop\x12\x19.resilient.v1.DropRequest\x1a\x17.resilient.v1.DropReply\x12R\n\x0cListHoldings\x12!.resilient.v1.ListHoldingsRequest\x1a\x1f.resilient.v1.ListHoldingsReply\x12@\n\x06Status\x12\x1b.resilient.v1.StatusRequest\x1a\x19.resilient.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17resilient/v1/peer.proto\x12\x0cresilient.v1\"a\n\x08PeerAuth\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x16\n\x0eissued_unix_ms\x18\x04 \x01(\x03\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"d\n\x08ShardRef\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x18\n\x10shard_generation\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x12\n\nworld_size\x18\x05 \x01(\r\"[\n\x0cOfferRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\x12%\n\x05shard\x18\x02 \x01(\x0b\x32\x16.resilient.v1.ShardRef\".\n\nOfferReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x91\x01\n\x0bPullRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\x12%\n\x05shard\x18\x02 \x01(\x0b\x32\x16.resilient.v1.ShardRef\x12\x11\n\tbulk_addr\x18\x03 \x01(\t\x12\x10\n\x08range_lo\x18\x04 \x01(\x04\x12\x10\n\x08range_hi\x18\x05 \x01(\x04\"H\n\tPullReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\x04 \x01(\x08\"V\n\x0b\x44ropRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\x12\r\n\x05ranks\x18\x02 \x03(\r\x12\x12\n\nbelow_step\x18\x03 \x01(\x04\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"P\n\x07Holding\x12%\n\x05shard\x18\x01 \x01(\x0b\x32\x16.resilient.v1.ShardRef\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\x08\";\n\x13ListHoldingsRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\"<\n\x11ListHoldingsReply\x12\'\n\x08holdings\x18\x01 \x03(\x0b\x32\x15.resilient.v1.Holding\"5\n\rStatusRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.resilient.v1.PeerAuth\"\xa2\x01\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x16\n\x0e\x63ommitted_step\x18\x03 \x01(\x03\x12\x19\n\x11host_memory_bytes\x18\x04 \x01(\x04\x12\x12\n\nsent_bytes\x18\x05 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07skipped\x18\x07 \x01(\x04\x32\xda\x02\n\x0bPeerService\x12=\n\x05Offer\x12\x1a.resilient.v1.OfferRequest\x1a\x18.resilient.v1.OfferReply\x12:\n\x04Pull\x12\x19.resilient.v1.PullRequest\x1a\x17.resilient.v1.PullReply\x12:\n\x04\x44rop\x12\x19.resilient.v1.DropRequest\x1a\x17.resilient.v1.DropReply\x12R\n\x0cListHoldings\x12!.resilient.v1.ListHoldingsRequest\x1a\x1f.resilient.v1.ListHoldingsReply\x12@\n\x06Status\x12\x1b.resilient.v1.StatusRequest\x1a\x19.resilient.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,24 +39,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OFFERREQUEST']._serialized_end=333
   _globals['_OFFERREPLY']._serialized_start=335
   _globals['_OFFERREPLY']._serialized_end=381
-  _globals['_PULLREQUEST']._serialized_start=383
-  _globals['_PULLREQUEST']._serialized_end=492
-  _globals['_PULLREPLY']._serialized_start=494
-  _globals['_PULLREPLY']._serialized_end=566
-  _globals['_DROPREQUEST']._serialized_start=568
-  _globals['_DROPREQUEST']._serialized_end=654
-  _globals['_DROPREPLY']._serialized_start=656
-  _globals['_DROPREPLY']._serialized_end=684
-  _globals['_HOLDING']._serialized_start=686
-  _globals['_HOLDING']._serialized_end=766
-  _globals['_LISTHOLDINGSREQUEST']._serialized_start=768
-  _globals['_LISTHOLDINGSREQUEST']._serialized_end=827
-  _globals['_LISTHOLDINGSREPLY']._serialized_start=829
-  _globals['_LISTHOLDINGSREPLY']._serialized_end=889
-  _globals['_STATUSREQUEST']._serialized_start=891
-  _globals['_STATUSREQUEST']._serialized_end=944
-  _globals['_STATUSREPLY']._serialized_start=947
-  _globals['_STATUSREPLY']._serialized_end=1109
-  _globals['_PEERSERVICE']._serialized_start=1112
-  _globals['_PEERSERVICE']._serialized_end=1458
+  _globals['_PULLREQUEST']._serialized_start=384
+  _globals['_PULLREQUEST']._serialized_end=529
+  _globals['_PULLREPLY']._serialized_start=531
+  _globals['_PULLREPLY']._serialized_end=603
+  _globals['_DROPREQUEST']._serialized_start=605
+  _globals['_DROPREQUEST']._serialized_end=691
+  _globals['_DROPREPLY']._serialized_start=693
+  _globals['_DROPREPLY']._serialized_end=721
+  _globals['_HOLDING']._serialized_start=723
+  _globals['_HOLDING']._serialized_end=803
+  _globals['_LISTHOLDINGSREQUEST']._serialized_start=805
+  _globals['_LISTHOLDINGSREQUEST']._serialized_end=864
+  _globals['_LISTHOLDINGSREPLY']._serialized_start=866
+  _globals['_LISTHOLDINGSREPLY']._serialized_end=926
+  _globals['_STATUSREQUEST']._serialized_start=928
+  _globals['_STATUSREQUEST']._serialized_end=981
+  _globals['_STATUSREPLY']._serialized_start=984
+  _globals['_STATUSREPLY']._serialized_end=1146
+  _globals['_PEERSERVICE']._serialized_start=1149
+  _globals['_PEERSERVICE']._serialized_end=1495
 # @@protoc_insertion_point(module_scope)

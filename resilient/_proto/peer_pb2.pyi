@@ -51,14 +51,18 @@ class OfferReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("auth", "shard", "bulk_addr")
+    __slots__ = ("auth", "shard", "bulk_addr", "range_lo", "range_hi")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     BULK_ADDR_FIELD_NUMBER: _ClassVar[int]
+    RANGE_LO_FIELD_NUMBER: _ClassVar[int]
+    RANGE_HI_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     shard: ShardRef
     bulk_addr: str
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., shard: _Optional[_Union[ShardRef, _Mapping]] = ..., bulk_addr: _Optional[str] = ...) -> None: ...
+    range_lo: int
+    range_hi: int
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., shard: _Optional[_Union[ShardRef, _Mapping]] = ..., bulk_addr: _Optional[str] = ..., range_lo: _Optional[int] = ..., range_hi: _Optional[int] = ...) -> None: ...
 
 class PullReply(_message.Message):
     __slots__ = ("ok", "reason", "nbytes", "corrupt")

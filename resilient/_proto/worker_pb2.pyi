@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -119,7 +120,7 @@ class RestoreRequest(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ...) -> None: ...
 
 class RestoreReply(_message.Message):
-    __slots__ = ("has_source", "step", "generation", "segment", "source_rank", "origin", "world_size", "error")
+    __slots__ = ("has_source", "step", "generation", "segment", "source_rank", "origin", "world_size", "error", "slices")
     HAS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +129,7 @@ class RestoreReply(_message.Message):
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
     has_source: bool
     step: int
     generation: int
@@ -136,7 +138,8 @@ class RestoreReply(_message.Message):
     origin: str
     world_size: int
     error: str
-    def __init__(self, has_source: _Optional[bool] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., segment: _Optional[str] = ..., source_rank: _Optional[int] = ..., origin: _Optional[str] = ..., world_size: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    slices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, has_source: _Optional[bool] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., segment: _Optional[str] = ..., source_rank: _Optional[int] = ..., origin: _Optional[str] = ..., world_size: _Optional[int] = ..., error: _Optional[str] = ..., slices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CommittedRequest(_message.Message):
     __slots__ = ("local_rank",)

@@ -24,6 +24,9 @@ class AgentMetrics:
                                         buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=r)
         self.committed_step = Gauge("resilient_committed_step", "Newest committed step", registry=r)
         self.replication_bytes = Counter("resilient_replication_bytes", "Snapshot bytes sent to peers", registry=r)
+        self.snapshot_host_bytes = Gauge("resilient_snapshot_host_bytes",
+                                         "Shared memory held by snapshot segments on this host (own and replicas)",
+                                         registry=r)
         self.spawn_seconds = Gauge("resilient_worker_start_seconds", "Last worker start to user code", ["how"],
                                    registry=r)
         self.port: int | None = None

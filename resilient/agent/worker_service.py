@@ -7,6 +7,7 @@ an unknown slot is refused with INVALID_ARGUMENT, never crashes the agent.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent import futures
 from typing import Callable, Protocol
@@ -15,7 +16,8 @@ import grpc
 
 from resilient._proto import worker_pb2, worker_pb2_grpc
 from resilient.agent.hub import WorkerHub
-from resilient.errors import ResilientError
+from resilient.errors import ReplicationError, ResilientError
+from resilient.replication.slices import marker_at
 from resilient.logs import get_logger
 from resilient.runtime.api import RestoreSource, WorkerAssignment
 
@@ -38,6 +40,30 @@ class Snapshots(Protocol):
     def prepare_restore(self, rank: int) -> RestoreSource | None: ...
 
     def committed_step(self) -> int | None: ...
+
+
+def with_local_slices(src: RestoreSource, snapshots: object) -> RestoreSource:
+    """``src`` with ``slices`` filled in from a one-node snapshot store (``LocalSnapshots.segments``: every
+    rank's segment is on this host) when it names a sliced (deduplicated) snapshot; the ``ShardManager``
+    fills them itself (fetching missing slices from peers). Unchanged for whole snapshots."""
+    segments = getattr(snapshots, "segments", None)
+    if src.slices or segments is None:
+        return src
+    from resilient.store import Segment
+
+    seg = Segment.open(src.segment)
+    try:
+        marker = marker_at(seg, src.step, src.generation)
+    finally:
+        seg.close()
+    if marker is None:
+        return src
+    held = segments()
+    missing = [r for r in range(marker.world_size) if r not in held]
+    if missing:
+        raise ReplicationError(f"step {src.step} was snapshotted in slices across {marker.world_size} ranks (dedup) "
+                               f"but this host holds no segment of ranks {missing}; it cannot be put back together.")
+    return dataclasses.replace(src, slices=tuple(held[r] for r in range(marker.world_size)))
 
 
 def assignment_msg(a: WorkerAssignment) -> worker_pb2.Assignment:
@@ -122,9 +148,14 @@ class WorkerService(worker_pb2_grpc.WorkerAgentServicer):
             return worker_pb2.RestoreReply(has_source=False, error=f"{type(exc).__name__}: {exc}")
         if src is None:
             return worker_pb2.RestoreReply(has_source=False)
+        try:
+            src = with_local_slices(src, self._snapshots())
+        except ResilientError as exc:
+            log.warning("rank %d: the slices of its deduplicated snapshot cannot be found: %s", rank, exc)
+            return worker_pb2.RestoreReply(has_source=False, error=f"{type(exc).__name__}: {exc}")
         return worker_pb2.RestoreReply(has_source=True, step=src.step, generation=src.generation,
                                        segment=src.segment, source_rank=src.source_rank, origin=src.origin,
-                                       world_size=src.world_size)
+                                       world_size=src.world_size, slices=list(src.slices))
 
     def Committed(self, request, context):
         step = self._snapshots().committed_step()

@@ -11,6 +11,9 @@ current generation or whose generation is older (FAILED_PRECONDITION), a generat
 reached yet (UNAVAILABLE, the client retries briefly), and invalid fields (INVALID_ARGUMENT). Messages
 larger than ``max_message_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED) and undecodable bytes
 fail deserialization; neither reaches the handler, and the agent keeps serving.
+
+Optional mutual TLS (``PeerTLS``, from ``RESILIENT_PEER_TLS_CERT``/``_KEY``/``_CA``): the channel is
+encrypted and both ends must present a certificate signed by the job's CA; the HMAC signature stays.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Callable
 
 import grpc
 
-from resilient.errors import EtcdError, ReplicationError, StoreError, StoreSpaceError, TransportError
+from resilient import env
+from resilient.errors import ConfigError, EtcdError, ReplicationError, StoreError, StoreSpaceError, TransportError
 from resilient.logs import get_logger
 from resilient._proto import peer_pb2 as pb
 from resilient._proto import peer_pb2_grpc as pb_grpc
@@ -36,6 +40,7 @@ log = get_logger(__name__)
 MAX_CLOCK_SKEW_S = 300.0
 MAX_SHARD_BYTES = 1 << 40
 MAX_RANK = 1 << 20
+DEFAULT_TLS_NAME = "resilient-peer"  # the name every agent's certificate carries (agents are dialled by IP)
 
 
 class PeerRefused(ReplicationError):
@@ -119,7 +124,7 @@ class PeerHandler(abc.ABC):
     def handle_offer(self, sender: Sender, ref) -> tuple[bool, str]: ...
 
     @abc.abstractmethod
-    def handle_pull(self, sender: Sender, ref, bulk_addr: str) -> pb.PullReply: ...
+    def handle_pull(self, sender: Sender, ref, bulk_addr: str, byte_range: tuple[int, int] | None = None) -> pb.PullReply: ...
 
     @abc.abstractmethod
     def handle_drop(self, sender: Sender, ranks: list[int], below_step: int) -> int: ...
@@ -176,7 +181,13 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
 
     def Pull(self, request, context):
         sender = self._auth("Pull", request, context)
-        return self._guard(context, lambda: self.handler.handle_pull(sender, request.shard, request.bulk_addr))
+        if request.range_hi < request.range_lo or request.range_hi > request.shard.nbytes:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"byte range [{request.range_lo}, {request.range_hi}) is "
+                                                            f"not within the shard's {request.shard.nbytes} bytes")
+        byte_range = (request.range_lo, request.range_hi) if request.range_hi else None
+        if byte_range is None:
+            return self._guard(context, lambda: self.handler.handle_pull(sender, request.shard, request.bulk_addr))
+        return self._guard(context, lambda: self.handler.handle_pull(sender, request.shard, request.bulk_addr, byte_range))
 
     def Drop(self, request, context):
         sender = self._auth("Drop", request, context)
@@ -192,8 +203,51 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         return self._guard(context, self.handler.handle_status)
 
 
-def start_server(servicer: PeerServicer, address: str, max_message_bytes: int, workers: int = 4) -> tuple[grpc.Server, str]:
-    """Serve on ``address`` ("host:port", port 0 picks one); returns the server and the bound address."""
+@dataclass(frozen=True)
+class PeerTLS:
+    """Mutual TLS for the peer control channel (optional; the HMAC signature stays on every request).
+
+    Every agent presents ``cert`` (PEM, with ``key``) and accepts only peers whose certificate is signed by
+    ``ca``; clients check the server's certificate against ``ca`` and the name ``server_name`` (agents are
+    dialled by IP address, so one name shared by all agents' certificates, in their subjectAltName)."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+    server_name: str = DEFAULT_TLS_NAME
+
+    def __post_init__(self) -> None:
+        for what, pem in (("certificate", self.cert), ("key", self.key), ("CA certificate", self.ca)):
+            if b"-----BEGIN" not in pem:
+                raise ConfigError(f"The peer TLS {what} is not PEM (no '-----BEGIN' line); give PEM files.")
+        if not self.server_name:
+            raise ConfigError("The peer TLS server name must not be empty.")
+
+    @classmethod
+    def from_env(cls) -> "PeerTLS | None":
+        """From ``RESILIENT_PEER_TLS_CERT``/``_KEY``/``_CA`` (file paths; all three or none) and
+        ``RESILIENT_PEER_TLS_NAME``; None when none is set."""
+        paths = {name: env.get(name) for name in (env.PEER_TLS_CERT, env.PEER_TLS_KEY, env.PEER_TLS_CA)}
+        if not any(paths.values()):
+            return None
+        missing = [name for name, path in paths.items() if not path]
+        if missing:
+            raise ConfigError(f"Peer mTLS needs {env.PEER_TLS_CERT}, {env.PEER_TLS_KEY} and {env.PEER_TLS_CA} "
+                              f"together; {missing} are not set.")
+        blobs = []
+        for name, path in paths.items():
+            try:
+                with open(path, "rb") as fh:
+                    blobs.append(fh.read())
+            except OSError as exc:
+                raise ConfigError(f"Cannot read {name}={path!r}: {exc}.") from exc
+        return cls(*blobs, server_name=env.get(env.PEER_TLS_NAME) or DEFAULT_TLS_NAME)
+
+
+def start_server(servicer: PeerServicer, address: str, max_message_bytes: int, workers: int = 4,
+                 tls: PeerTLS | None = None) -> tuple[grpc.Server, str]:
+    """Serve on ``address`` ("host:port", port 0 picks one); returns the server and the bound address.
+    With ``tls`` the port speaks TLS and requires a client certificate signed by ``tls.ca``."""
     opts = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -202,7 +256,11 @@ def start_server(servicer: PeerServicer, address: str, max_message_bytes: int, w
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="peer-rpc"), options=opts)
     pb_grpc.add_PeerServiceServicer_to_server(servicer, server)
     host, _, _ = address.rpartition(":")
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True)
+        port = server.add_secure_port(address, creds)
     if port == 0:
         raise ReplicationError(f"Cannot listen for peer control on {address}: the port is taken or the host is wrong.")
     server.start()
@@ -212,8 +270,10 @@ def start_server(servicer: PeerServicer, address: str, max_message_bytes: int, w
 class PeerClient:
     """Signed calls to other agents; one channel per peer address, reused."""
 
-    def __init__(self, authority: PeerAuthority, generation: Callable[[], int], timeout: float, max_message_bytes: int) -> None:
+    def __init__(self, authority: PeerAuthority, generation: Callable[[], int], timeout: float, max_message_bytes: int,
+                 tls: PeerTLS | None = None) -> None:
         self.authority = authority
+        self.tls = tls
         self.generation = generation
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
@@ -224,13 +284,17 @@ class PeerClient:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = grpc.insecure_channel(
-                    address,
-                    options=[
-                        ("grpc.max_receive_message_length", self.max_message_bytes),
-                        ("grpc.max_send_message_length", self.max_message_bytes),
-                    ],
-                )
+                options = [
+                    ("grpc.max_receive_message_length", self.max_message_bytes),
+                    ("grpc.max_send_message_length", self.max_message_bytes),
+                ]
+                if self.tls is None:
+                    ch = grpc.insecure_channel(address, options=options)
+                else:
+                    creds = grpc.ssl_channel_credentials(root_certificates=self.tls.ca, private_key=self.tls.key,
+                                                         certificate_chain=self.tls.cert)
+                    ch = grpc.secure_channel(address, creds,
+                                             options=options + [("grpc.ssl_target_name_override", self.tls.server_name)])
                 self._channels[address] = ch
             return pb_grpc.PeerServiceStub(ch)
 
@@ -250,8 +314,11 @@ class PeerClient:
     def offer(self, address: str, ref: pb.ShardRef) -> pb.OfferReply:
         return self._call(address, "Offer", pb.OfferRequest(shard=ref))
 
-    def pull(self, address: str, ref: pb.ShardRef, bulk_addr: str, timeout: float) -> pb.PullReply:
-        return self._call(address, "Pull", pb.PullRequest(shard=ref, bulk_addr=bulk_addr), timeout=timeout)
+    def pull(self, address: str, ref: pb.ShardRef, bulk_addr: str, timeout: float,
+             byte_range: tuple[int, int] | None = None) -> pb.PullReply:
+        lo, hi = byte_range if byte_range is not None else (0, 0)
+        return self._call(address, "Pull", pb.PullRequest(shard=ref, bulk_addr=bulk_addr, range_lo=lo, range_hi=hi),
+                          timeout=timeout)
 
     def drop(self, address: str, ranks: list[int], below_step: int) -> pb.DropReply:
         return self._call(address, "Drop", pb.DropRequest(ranks=ranks, below_step=below_step))

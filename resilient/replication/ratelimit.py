@@ -1,11 +1,16 @@
 """Pacing of replication traffic: a token bucket with time passed in (pure).
 
-Shards are sent whole (one sendfile per slot), so the bucket works at shard granularity: a send may start
-when the bucket is not in debt, and then charges its bytes; over time the bytes sent never exceed
-``burst + rate * elapsed``. ``delay(n, now)`` says how long to wait before sending ``n`` bytes.
+A send is paced inside the transfer, not once per shard: the bulk transport sends a slot in pieces of
+``PACE_BYTES`` (``send_slot(..., pace=...)``) and reserves each piece's bytes before it goes out
+(``reserve(n, now)`` returns how long to wait first), so one big shard never bursts at line rate. Over
+any interval the bytes sent never exceed ``burst + rate * elapsed`` (with ``burst = 0``: a transfer of
+``N`` bytes at ``R`` B/s takes at least ``N / R`` seconds). ``delay``/``charge`` are the older
+start-then-charge form (a send may start when the bucket is not in debt, then charges its bytes).
 """
 
 from __future__ import annotations
+
+PACE_BYTES = 1 << 20  # bytes sent between two pacing decisions
 
 
 class TokenBucket:
@@ -30,3 +35,10 @@ class TokenBucket:
     def charge(self, nbytes: int, now: float) -> None:
         self._refill(now)
         self.tokens -= nbytes
+
+    def reserve(self, nbytes: int, now: float) -> float:
+        """Take ``nbytes`` now; returns the seconds to wait before sending them (0: at once). Concurrent
+        senders sharing the bucket queue up behind each other's reservations."""
+        self._refill(now)
+        self.tokens -= nbytes
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate

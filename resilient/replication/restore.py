@@ -11,9 +11,16 @@ Rules:
   re-derived by the decorator.
 * Sources, cheapest first: this node's own copy; then the peers that hold a copy and are members of the
   current generation. Peers are rotated by rank so that the ranks restoring at once spread their pulls
-  across all holders (striping at shard granularity), and a holder whose copy fails verification is
+  across all holders (striping at shard granularity); a shard with several holders is moreover pulled
+  from all of them at once in disjoint byte ranges (``stripes``), and a holder whose copy fails verification is
   skipped and reported by the executor, which moves on to the next one. After a world-size change a
   rank whose chosen shard has no verified copy tries the other ranks' shards (``source_order``).
+* Sliced snapshots (data-parallel deduplication, ``resilient.elastic.dedup``): each rank's shard holds
+  only its 1/N slice of the shared state, so a restore needs the shard of every rank of the committed
+  step, whatever the new world size: the executor fetches the chosen shard as above, sees the slice
+  marker in it (``resilient.replication.slices``) and then fetches each other rank's shard the same way
+  (``plan(..., source=r)``); ``unrecoverable(..., need_all=True)`` when a copy held here shows the step
+  is sliced.
 * ``unrecoverable`` names the shards of the committed step that no member holds any more; it depends only
   on etcd and the membership, so every agent reaches the same verdict and all ranks go to the durable
   tier together (never a mix of a memory step and a disk step).
@@ -74,15 +81,16 @@ def source_order(rank: int, world_size: int, committed: CommitRecord, held_here:
 
 
 def unrecoverable(committed: CommitRecord, manifests: Mapping[int, ShardManifest], held_here: Collection[int],
-                  members: Collection[str], world_size: int) -> list[int]:
+                  members: Collection[str], world_size: int, need_all: bool = False) -> list[int]:
     """Ranks of the committed step whose shard has no copy left (not here, no holder among ``members``)
-    when the restore needs them: all shards for an unchanged world size, any one shard otherwise."""
+    when the restore needs them: all shards for an unchanged world size or a sliced (deduplicated)
+    snapshot (``need_all``), any one shard otherwise."""
     def alive(r: int) -> bool:
         m = manifests.get(r)
         return r in held_here or (m is not None and any(h in members for h in m.holders))
 
     gone = [r for r in range(committed.world_size) if not alive(r)]
-    if world_size == committed.world_size or len(gone) == committed.world_size:
+    if need_all or world_size == committed.world_size or len(gone) == committed.world_size:
         return gone
     return []
 
@@ -120,6 +128,16 @@ def plan(
         checksum=manifest.checksum,
         owner=manifest.owner,
     )
+
+
+def stripes(nbytes: int, holders: int) -> list[tuple[int, int]]:
+    """Disjoint byte ranges covering ``[0, nbytes)``, one per holder (a shard pulled from all its holders
+    at once), split on 64 KiB boundaries; fewer when the shard is too small to give each holder one."""
+    unit = 64 << 10
+    units = max(1, -(-nbytes // unit))
+    k = max(1, min(holders, units))
+    cuts = [min(nbytes, (units * i // k) * unit) for i in range(k)] + [nbytes]
+    return [(cuts[i], cuts[i + 1]) for i in range(k) if cuts[i] < cuts[i + 1]]
 
 
 def listed_here(held_here: Collection[int], manifests: Mapping[int, ShardManifest], node_id: str) -> set[int]:

@@ -151,7 +151,7 @@ class AgentRuntime(WorkerRuntime):
         if not r.has_source:
             return None
         return RestoreSource(step=r.step, generation=r.generation, segment=r.segment, source_rank=r.source_rank,
-                             origin=r.origin, world_size=r.world_size)
+                             origin=r.origin, world_size=r.world_size, slices=tuple(r.slices))
 
     def committed_step(self) -> int | None:
         step = self._control.get("committed_step")

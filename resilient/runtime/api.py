@@ -47,8 +47,11 @@ class RestoreSource:
     generation: int  # generation the snapshot was taken in
     segment: str  # name of the local shared-memory segment to read
     source_rank: int  # rank whose shard it is (differs from ours after a world-size change)
-    origin: str  # "local" | "peer:<node>" | "durable"
+    origin: str  # "local" | "peer:<node>" | "peer:<a>+<b>+..." (pulled in stripes from several) | "durable"
     world_size: int  # world size the snapshot was taken with
+    # data-parallel deduplicated snapshots only: the local segment holding each rank's slice of the step
+    # (index = rank of the world that took it); empty for whole snapshots
+    slices: tuple[str, ...] = ()
 
 
 class WorkerRuntime(abc.ABC):

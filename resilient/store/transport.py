@@ -25,13 +25,14 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from resilient.errors import StoreError, TransportError
 from resilient.logs import get_logger
 from resilient.store._loader import backend
-from resilient.store.layout import SlotIndex
+from resilient.store.layout import SlotIndex, chunk_count
 from resilient.store.segment import Segment, SlotInfo
 
 MAGIC = b"RSLB"
@@ -57,6 +58,16 @@ class SlotHeader:
     nbytes: int
     index_nbytes: int
     sender: str
+    lo: int = 0  # a striped transfer carries only the data bytes [lo, hi) of the slot
+    hi: int = -1  # -1: up to the end (the whole slot)
+
+    @property
+    def end(self) -> int:
+        return self.nbytes if self.hi < 0 else self.hi
+
+    @property
+    def striped(self) -> bool:
+        return self.lo != 0 or self.end != self.nbytes
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -64,7 +75,12 @@ class SlotHeader:
     @classmethod
     def decode(cls, raw: bytes) -> "SlotHeader":
         doc = json.loads(raw)
-        return cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+        fields = cls.__dataclass_fields__
+        head = cls(**{k: doc[k] for k in fields if k not in ("lo", "hi")},
+                   **{k: int(doc[k]) for k in ("lo", "hi") if k in doc})
+        if not (isinstance(head.nbytes, int) and 0 <= head.lo <= head.end <= head.nbytes):
+            raise ValueError(f"byte range [{head.lo}, {head.end}) is not within the slot's {head.nbytes} bytes")
+        return head
 
 
 def _mac(token: bytes, nonce: bytes, header: bytes) -> bytes:
@@ -128,13 +144,20 @@ def offer(address: tuple[str, int], token: bytes, header: SlotHeader, *, timeout
 
 
 def send_slot(
-    segment: Segment, slot: int, address: tuple[str, int], token: bytes, *, timeout: float, sendfile: bool = False
+    segment: Segment, slot: int, address: tuple[str, int], token: bytes, *, timeout: float, sendfile: bool = False,
+    pace: Callable[[int], None] | None = None, byte_range: tuple[int, int] | None = None,
+    pace_bytes: int = 1 << 20,
 ) -> int:
     """Send sealed ``slot`` of ``segment`` to the receiver at ``address``; returns bytes sent.
 
     Data goes out with large send() calls straight from the segment mapping (faster than sendfile from
     tmpfs on loopback, where the page-by-page splice costs more than the copy it saves); ``sendfile=True``
     uses sendfile from the segment file instead (saves a copy on real NICs).
+
+    ``pace(n)``: called before each piece of ``pace_bytes`` goes out, blocking until those bytes may be sent
+    (a rate limiter's reservation), so a big slot is paced inside the transfer instead of bursting.
+    ``byte_range=(lo, hi)``: send only those data bytes (one stripe of a slot pulled from several holders
+    at once; the receiver assembles the stripes and verifies every chunk).
     """
     be = backend()
     peer = f"{address[0]}:{address[1]}"
@@ -143,16 +166,26 @@ def send_slot(
         raise TransportError(f"Slot {slot} of segment {segment.name!r} is not sealed; nothing to send to {peer}.")
     info = segment.slots()[slot]
     blob = segment._index_blob(slot)
+    lo, hi = byte_range if byte_range is not None else (0, info.nbytes)
+    if not 0 <= lo <= hi <= info.nbytes:
+        raise TransportError(f"Byte range [{lo}, {hi}) lies outside the {info.nbytes} bytes of slot {slot} of "
+                             f"segment {segment.name!r}.")
     header = SlotHeader(segment.job, segment.rank, segment.name, info.step, info.generation, info.nbytes,
-                        len(blob), f"{socket.gethostname()}:{os.getpid()}")
+                        len(blob), f"{socket.gethostname()}:{os.getpid()}",
+                        *((lo, hi) if (lo, hi) != (0, info.nbytes) else ()))
     sock = offer(address, token, header, timeout=timeout)
     try:
         try:
             sock.sendall(blob)
-            if sendfile:
-                be.send_file_range(sock.fileno(), segment.fileno, segment.slot_file_offset(slot), info.nbytes, timeout)
-            else:
-                be.send_addr(sock.fileno(), segment.slot_address(slot), info.nbytes, timeout)
+            step = max(1, pace_bytes) if pace is not None else max(1, hi - lo)
+            for off in range(lo, hi, step):
+                n = min(step, hi - off)
+                if pace is not None:
+                    pace(n)
+                if sendfile:
+                    be.send_file_range(sock.fileno(), segment.fileno, segment.slot_file_offset(slot) + off, n, timeout)
+                else:
+                    be.send_addr(sock.fileno(), segment.slot_address(slot) + off, n, timeout)
         except OSError as exc:
             raise TransportError(
                 f"Peer {peer} went away while receiving step {info.step} of {segment.job}/rank {segment.rank}: {exc}."
@@ -164,7 +197,7 @@ def send_slot(
         ok, message = _recv_status(sock, peer, "final")
         if not ok:
             raise TransportError(f"Peer {peer} rejected step {info.step} of {segment.job}/rank {segment.rank}: {message}")
-        return len(blob) + info.nbytes
+        return len(blob) + hi - lo
     finally:
         sock.close()
 
@@ -199,6 +232,7 @@ class BulkReceiver:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
+        self._stripes: dict[tuple[str, int, int], _Stripes] = {}  # slots being assembled from striped transfers
         self.errors: list[TransportError] = []
         self.received: list[tuple[SlotHeader, SlotInfo]] = []
         try:
@@ -254,10 +288,11 @@ class BulkReceiver:
             conn.settimeout(self._timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             header, info = self._receive(conn, peer)
-            with self._lock:
-                self.received.append((header, info))
-            if self._on_received is not None:
-                self._on_received(header, info)
+            if info is not None:  # None: one stripe of a slot still being assembled
+                with self._lock:
+                    self.received.append((header, info))
+                if self._on_received is not None:
+                    self._on_received(header, info)
         except TransportError as err:
             self._record(err)
         except OSError as exc:
@@ -277,7 +312,7 @@ class BulkReceiver:
             _log.debug("could not tell %s why it was refused: %s", peer, exc)
         return TransportError(f"Refused a transfer from {peer}: {message}")
 
-    def _receive(self, conn: socket.socket, peer: str) -> tuple[SlotHeader, SlotInfo]:
+    def _receive(self, conn: socket.socket, peer: str) -> tuple[SlotHeader, SlotInfo | None]:
         nonce = os.urandom(NONCE_BYTES)
         conn.sendall(_HELLO.pack(MAGIC, VERSION, nonce))
         magic, version, n = _PRELUDE.unpack(_recv_exact(conn, _PRELUDE.size, peer, "the request"))
@@ -291,7 +326,7 @@ class BulkReceiver:
             raise self._refuse(conn, peer, "bad token (it does not hold this job's token).")
         try:
             header = SlotHeader.decode(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise self._refuse(conn, peer, f"malformed header: {exc}.") from exc
         try:
             segment = self._resolve(header)
@@ -313,6 +348,11 @@ class BulkReceiver:
             raise self._refuse(conn, peer, f"unreadable tensor index: {exc}.") from exc
         if index.nbytes != header.nbytes or any(off + n > header.nbytes for _, off, n in index.regions()):
             raise self._refuse(conn, peer, "the tensor index does not match the announced slot size.")
+        if header.striped:
+            return header, self._receive_stripe(conn, peer, header, segment, index, blob)
+        with self._lock:  # a whole transfer replaces any assembly of stripes into this segment
+            for key in [k for k in self._stripes if k[0] == segment.name]:
+                del self._stripes[key]
         slot = segment._prepare_receive()
         regions = [(off, n) for _, off, n in sorted(index.regions(), key=lambda r: r[1])]
         order = sorted(range(len(index.regions())), key=lambda i: index.regions()[i][1])
@@ -341,6 +381,62 @@ class BulkReceiver:
         _send_status(conn, True, json.dumps({"slot": info.slot, "step": info.step}))
         return header, info
 
+    def _receive_stripe(self, conn: socket.socket, peer: str, header: SlotHeader, segment: Segment,
+                        index: SlotIndex, blob: bytes) -> SlotInfo | None:
+        """Receive the bytes ``[lo, hi)`` of a slot pulled in stripes from several holders at once, straight
+        into the slot being assembled. Chunks wholly inside the stripe are checked as they arrive; the few
+        chunks that straddle two stripes are checked once every stripe is in. The slot is sealed (and its
+        ``SlotInfo`` returned) by the stripe that completes it; None for the others."""
+        what = f"step {header.step} of {header.job}/rank {header.rank}"
+        key = (segment.name, header.step, header.generation)
+        with self._lock:
+            st = self._stripes.get(key)
+            if st is not None and (st.blob != blob or st.segment is not segment or not st.intact()
+                                   or time.monotonic() - st.started > 2 * self._timeout):
+                st = None  # another index, a recreated or rewritten segment, or an abandoned assembly: start over
+            if st is None:
+                st = _Stripes(segment, segment._prepare_receive(), blob, index)
+                self._stripes[key] = st
+        lo, hi = header.lo, header.end
+        inside = [c for c in st.chunks if lo <= c[1] and c[2] <= hi and c[1] < c[2]]
+        try:
+            got, crcs = backend().recv_checksum(conn.fileno(), segment.slot_address(st.slot) + lo, hi - lo,
+                                                [(s - lo, e - s) for _, s, e in inside], index.chunk, self._timeout)
+        except OSError as exc:
+            raise TransportError(f"Peer {peer} went away while sending bytes {lo}..{hi} of {what}: {exc}.") from exc
+        if got < hi - lo:
+            raise TransportError(f"Peer {peer} closed the connection after {got} of {hi - lo} bytes of the stripe "
+                                 f"{lo}..{hi} of {what} (short read).")
+        bad = next(((i, c) for (i, _s, _e), c in zip(inside, crcs) if index.crcs[i] != c), None)
+        if bad is not None:
+            name, chunk, a, b = index.locate(bad[0])
+            raise self._refuse(conn, peer, f"bad checksum in the stripe {lo}..{hi} of {what}: tensor {name!r} chunk "
+                                           f"{chunk} (bytes {a}..{b}) expected {index.crcs[bad[0]]:#010x}, got {bad[1]:#010x}.")
+        with self._lock:
+            if self._stripes.get(key) is not st:
+                raise self._refuse(conn, peer, f"the assembly of {what} was replaced while its stripe {lo}..{hi} came in.")
+            st.ranges.append((lo, hi))
+            st.verified.update(i for i, _s, _e in inside)
+            complete = st.complete(header.nbytes)
+            if complete:
+                del self._stripes[key]
+        if not complete:
+            _send_status(conn, True, json.dumps({"stripe": [lo, hi], "complete": False}))
+            return None
+        if not st.intact():
+            raise self._refuse(conn, peer, f"the slot assembling {what} was written by someone else meanwhile.")
+        rest = [c for c in st.chunks if c[0] not in st.verified]
+        base = segment.slot_address(st.slot)
+        sums = backend().checksum_batch([base + s for _, s, _ in rest], [e - s for _, s, e in rest], index.chunk) if rest else []
+        wrong = next((i for (i, _s, _e), c in zip(rest, sums) if index.crcs[i] != c), None)
+        if wrong is not None:
+            name, chunk, a, b = index.locate(wrong)
+            raise self._refuse(conn, peer, f"bad checksum where two stripes of {what} meet: tensor {name!r} chunk {chunk} "
+                                           f"(bytes {a}..{b}); the slot is not sealed.")
+        info = segment._commit_receive(st.slot, header.step, header.generation, index, blob)
+        _send_status(conn, True, json.dumps({"slot": info.slot, "step": info.step, "complete": True}))
+        return info
+
     def close(self) -> None:
         """Stop accepting and wait for transfers in flight (each bounded by the timeout)."""
         self._stop.set()
@@ -356,6 +452,35 @@ class BulkReceiver:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Stripes:
+    """A slot being assembled from striped transfers: its chunks as (flat index, start, end) in offset
+    order, the byte ranges received and the chunks verified so far."""
+
+    def __init__(self, segment: Segment, slot: int, blob: bytes, index: SlotIndex) -> None:
+        self.segment, self.slot, self.blob = segment, slot, blob
+        self.started = time.monotonic()
+        self.ranges: list[tuple[int, int]] = []
+        self.verified: set[int] = set()
+        chunks, flat = [], 0
+        for _name, off, n in index.regions():
+            for k in range(chunk_count(n, index.chunk)):
+                chunks.append((flat, off + k * index.chunk, off + min(n, (k + 1) * index.chunk)))
+                flat += 1
+        self.chunks = sorted(chunks, key=lambda c: c[1])
+
+    def intact(self) -> bool:
+        """The slot is still the unsealed one this assembly prepared (nobody sealed into it since)."""
+        return self.segment._slot_seq(self.slot) == 0
+
+    def complete(self, nbytes: int) -> bool:
+        end = 0
+        for lo, hi in sorted(self.ranges):
+            if lo > end:
+                return False
+            end = max(end, hi)
+        return end >= nbytes
 
 
 def _reorder(crcs: list[int], index: SlotIndex, order: list[int]) -> list[int]:
