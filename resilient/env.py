@@ -72,3 +72,14 @@ SPAWN_MONO = "RESILIENT_SPAWN_MONO"
 JOB_TOKEN = "RESILIENT_JOB_TOKEN"
 # password of --etcd-user (kept out of the command line, where other users could read it)
 ETCD_PASSWORD = "RESILIENT_ETCD_PASSWORD"
+# "1": @resilient.elastic snapshots only each rank's 1/N slice of model and optimizer state (dedup=None)
+DEDUP = "RESILIENT_DEDUP"
+# a directory shared by the processes of a host: N* failpoint terms (Python and native) claim their
+# firings there, so N counts for all of them (a respawned worker does not fire again)
+FAILPOINTS_STATE = "RESILIENT_FAILPOINTS_STATE"
+# optional mutual TLS of the agent <-> agent gRPC channel: PEM file paths (all three or none), and the name
+# the agents' certificates carry in their subjectAltName (default "resilient-peer")
+PEER_TLS_CERT = "RESILIENT_PEER_TLS_CERT"
+PEER_TLS_KEY = "RESILIENT_PEER_TLS_KEY"
+PEER_TLS_CA = "RESILIENT_PEER_TLS_CA"
+PEER_TLS_NAME = "RESILIENT_PEER_TLS_NAME"

@@ -6,14 +6,20 @@ unless that name is armed. Arming comes from ``$RESILIENT_FAILPOINTS`` (read onc
 
     RESILIENT_FAILPOINTS="persist.shard.after_fsync=panic,persist.manifest.after_write=sleep(200)"
 
-Terms are separated by ``,`` or ``;``; each is ``name=[N*]action``, where the optional ``N*`` makes the
-term fire at most N times. Actions:
+Terms are separated by ``,`` or ``;``; each is ``name=[K>][N*]action``, where the optional ``N*`` makes
+the term fire at most N times and the optional ``K>`` lets the first K hits (of each process) pass, so
+``repl.commit.after_txn=10>1*panic`` dies at the eleventh commit rather than the first. Actions:
 
 - ``panic``: ``os._exit(137)``, no clean-up, like a SIGKILL at that line.
 - ``raise``: raise ``FailpointError``.
 - ``sleep(ms)``: sleep that many milliseconds, then continue.
 - ``enospc``: raise ``OSError(ENOSPC)``, as a full disk would.
 - ``off``: disarmed (useful to override an inherited environment).
+
+``N*`` counts per process, unless ``$RESILIENT_FAILPOINTS_STATE`` names a directory: then each firing
+claims a file ``<dir>/<name>.<k>`` (``k < N``), so the N firings are shared by every process of that
+environment (a worker respawned with the same ``$RESILIENT_FAILPOINTS`` does not fire again). The
+native module (``native.*`` names, see ``native/src/failpoint.h``) reads the same variables.
 
 Every firing emits a ``failpoint.fired`` event (before the action, so even ``panic`` leaves a trace).
 Unarmed, ``hit`` costs one function call and one truth test of an empty dict.
@@ -25,6 +31,7 @@ points for one object without touching the process.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -38,7 +45,7 @@ from resilient.errors import ConfigError, FailpointError
 ACTIONS = ("panic", "raise", "sleep", "enospc", "off")
 PANIC_EXIT_CODE = 137
 
-_TERM = re.compile(r"^(?:(?P<count>\d+)\*)?(?P<action>[a-z_]+)(?:\((?P<arg>[^()]*)\))?$")
+_TERM = re.compile(r"^(?:(?P<skip>\d+)>)?(?:(?P<count>\d+)\*)?(?P<action>[a-z_]+)(?:\((?P<arg>[^()]*)\))?$")
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,11 @@ class Action:
     kind: str
     arg: float | None = None
     count: int | None = None
+    limit: int | None = None  # the N of N* (claims in $RESILIENT_FAILPOINTS_STATE count up to it)
+    skip: int = 0  # hits still to let pass before the first firing
 
     def spec(self) -> str:
-        prefix = f"{self.count}*" if self.count is not None else ""
+        prefix = (f"{self.skip}>" if self.skip else "") + (f"{self.count}*" if self.count is not None else "")
         arg = f"({self.arg:g})" if self.arg is not None else ""
         return f"{prefix}{self.kind}{arg}"
 
@@ -60,7 +69,7 @@ def parse_action(text: str, *, name: str = "?") -> Action:
     match = _TERM.match(text.strip())
     if match is None:
         raise ConfigError(
-            f"Failpoint {name!r} has action {text!r}, which is not of the form [N*]action[(arg)]; "
+            f"Failpoint {name!r} has action {text!r}, which is not of the form [K>][N*]action[(arg)]; "
             f"use one of {', '.join(ACTIONS)}, e.g. {name}=panic or {name}=sleep(100)."
         )
     kind = match.group("action")
@@ -78,7 +87,8 @@ def parse_action(text: str, *, name: str = "?") -> Action:
     elif raw_arg is not None:
         raise ConfigError(f"Failpoint {name!r}: action {kind!r} takes no argument, got ({raw_arg}).")
     count = int(match.group("count")) if match.group("count") is not None else None
-    return Action(kind=kind, arg=arg, count=count)
+    skip = int(match.group("skip")) if match.group("skip") is not None else 0
+    return Action(kind=kind, arg=arg, count=count, limit=count, skip=skip)
 
 
 def parse_spec(spec: str | None) -> dict[str, Action]:
@@ -153,13 +163,21 @@ class Registry:
             action = self._armed.get(name)
             if action is None:
                 return
+            if action.skip:
+                self._armed = {**self._armed, name: dataclasses.replace(action, skip=action.skip - 1)}
+                return
             if action.count is not None:
+                claimed = _claim(name, action.limit or action.count)
                 armed = dict(self._armed)
                 if action.count <= 1:
                     armed.pop(name)
                 else:
-                    armed[name] = Action(action.kind, action.arg, action.count - 1)
+                    armed[name] = dataclasses.replace(action, count=action.count - 1)
+                if not claimed:
+                    armed.pop(name, None)
                 self._armed = armed
+                if not claimed:
+                    return
         events.emit("failpoint.fired", name=name, action=action.spec(), **context)
         if action.kind == "panic":
             os._exit(PANIC_EXIT_CODE)
@@ -169,6 +187,26 @@ class Registry:
             raise OSError(errno.ENOSPC, f"No space left on device (injected by failpoint {name!r})")
         if action.kind == "sleep":
             time.sleep((action.arg or 0.0) / 1000.0)
+
+
+def _claim(name: str, count: int) -> bool:
+    """Whether this firing of a ``count``-limited term may go ahead (see the module docstring)."""
+    directory = env.get(env.FAILPOINTS_STATE)
+    if not directory:
+        return True
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return True
+    for k in range(count):
+        try:
+            os.close(os.open(os.path.join(directory, f"{name}.{k}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return True
+        except FileExistsError:
+            continue
+        except OSError:
+            return True  # no usable directory: per-process counting only
+    return False
 
 
 _global = Registry(env.get(env.FAILPOINTS))

@@ -2,6 +2,13 @@
 // release the GIL for anything long, and map failures to Python exceptions (OSError with errno for the
 // network, RuntimeError for CUDA, ValueError for bad arguments). The pure-Python twin
 // resilient/store/_pynative.py mirrors every function here and is the reference in tests.
+//
+// Failpoints (failpoint.h, armed by $RESILIENT_FAILPOINTS): native.copy.after_data when
+// copy_checksum_batch has copied (in a worker's snapshot: the data is in the slot, the seal record not yet
+// written); native.seal.before_flip / native.seal.after_flip around a non-zero store_u64_release (the
+// flip that seals a slot: a worker's snapshot or a received replica); the transport's points are in
+// net.cpp. A firing is reported through resilient.events.emit("failpoint.fired", native=True); raise and
+// enospc surface as resilient.errors.FailpointError and OSError(ENOSPC).
 #include <errno.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,6 +20,7 @@
 #include "copy_engine.h"
 #include "crc32c.h"
 #include "cuda_ops.h"
+#include "failpoint.h"
 #include "net.h"
 #include "pool.h"
 
@@ -50,11 +58,49 @@ void check_chunk(uint64_t chunk) {
 
 py::buffer_info readable(const py::buffer& b) { return b.request(); }
 
+// Failpoint reporter: the Python event stream, so the event carries the process's identity.
+void report_failpoint(const char* name, const char* action) {
+  if (!Py_IsInitialized()) {
+    fp::write_event_line(name, action);
+    return;
+  }
+  py::gil_scoped_acquire gil;
+  try {
+    py::module_::import("resilient.events")
+        .attr("emit")("failpoint.fired", py::arg("name") = name, py::arg("action") = action,
+                      py::arg("native") = true);
+  } catch (py::error_already_set& e) {
+    e.discard_as_unraisable("resilient._native failpoint reporter");
+    fp::write_event_line(name, action);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "resilient native shard store engine (CRC32C copy engine, bulk TCP, CUDA copies)";
   m.attr("VERSION") = kVersion;
+
+  fp::set_reporter(&report_failpoint);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fp::FailpointFired& e) {
+      if (e.err) {
+        py::object err = py::module_::import("builtins").attr("OSError")(e.err, e.what());
+        PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+      } else {
+        py::object cls = py::module_::import("resilient.errors").attr("FailpointError");
+        PyErr_SetString(cls.ptr(), e.what());
+      }
+    }
+  });
+  m.def("failpoint_hit", [](const std::string& name) {
+        py::gil_scoped_release nogil;
+        fp::hit(name.c_str());
+      }, py::arg("name"), "Mark the native failpoint `name` (fires its action when armed).");
+  m.def("failpoint_names", &fp::names, "The names of the failpoints this module marks.");
+  m.def("failpoints_armed", &fp::armed_spec, "The armed native failpoints as name=action text.");
 
   m.def("crc32c", [](const py::buffer& data, uint32_t seed) {
         py::buffer_info info = readable(data);
@@ -78,7 +124,9 @@ PYBIND11_MODULE(_native, m) {
           check_chunk(chunk);
           auto regions = make_regions(dsts, srcs, sizes);
           py::gil_scoped_release nogil;
-          return run_regions(regions, chunk, threads, true, true);
+          auto crcs = run_regions(regions, chunk, threads, true, true);
+          fp::hit("native.copy.after_data");
+          return crcs;
         },
         py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("chunk"), py::arg("threads") = 0);
   m.def("checksum_batch",
@@ -101,6 +149,13 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("store_u64_release", [](uint64_t addr, uint64_t value) {
         if (addr & 7) throw py::value_error("address must be 8-byte aligned");
+        if (value != 0 && fp::any_armed()) {
+          py::gil_scoped_release nogil;
+          fp::hit("native.seal.before_flip");
+          __atomic_store_n(reinterpret_cast<uint64_t*>(addr), value, __ATOMIC_SEQ_CST);
+          fp::hit("native.seal.after_flip");
+          return;
+        }
         __atomic_store_n(reinterpret_cast<uint64_t*>(addr), value, __ATOMIC_SEQ_CST);
       }, py::arg("addr"), py::arg("value"));
   m.def("load_u64_acquire", [](uint64_t addr) {

@@ -11,6 +11,7 @@
 
 #include "copy_engine.h"
 #include "crc32c.h"
+#include "failpoint.h"
 
 namespace resilient {
 namespace {
@@ -33,16 +34,38 @@ void wait_ready(int sock, short events, double timeout_s, const char* what) {
 
 constexpr int64_t kMaxIo = 1ll << 30;
 
+// A failpoint half-way through a transfer of n bytes: while it is armed, I/O stops at n/2 once so that
+// the point fires with exactly half of the bytes moved. Unarmed, cap() returns its argument unchanged.
+class MidPoint {
+ public:
+  MidPoint(const char* name, int64_t n) : name_(name), half_(n / 2), on_(n > 1 && fp::armed(name)) {}
+  int64_t cap(int64_t done, int64_t want) const { return on_ && done < half_ ? std::min(want, half_ - done) : want; }
+  void passed(int64_t done) {
+    if (on_ && done >= half_) {
+      on_ = false;
+      fp::hit(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  int64_t half_;
+  bool on_;
+};
+
 }  // namespace
 
 int64_t send_file_range(int sock, int file_fd, int64_t offset, int64_t n, double timeout_s) {
   int64_t sent = 0;
   off_t off = static_cast<off_t>(offset);
+  fp::hit("native.send.after_header");
+  MidPoint mid("native.send.mid_stream", n);
   while (sent < n) {
     wait_ready(sock, POLLOUT, timeout_s, "sendfile");
-    ssize_t r = ::sendfile(sock, file_fd, &off, static_cast<size_t>(std::min(n - sent, kMaxIo)));
+    ssize_t r = ::sendfile(sock, file_fd, &off, static_cast<size_t>(mid.cap(sent, std::min(n - sent, kMaxIo))));
     if (r > 0) {
       sent += r;
+      mid.passed(sent);
       continue;
     }
     if (r == 0) throw NetError(EIO, "sendfile: source file ended before the range was sent");
@@ -59,12 +82,15 @@ int64_t send_file_range(int sock, int file_fd, int64_t offset, int64_t n, double
 
 int64_t send_buffer(int sock, const uint8_t* p, int64_t n, double timeout_s) {
   int64_t sent = 0;
+  fp::hit("native.send.after_header");
+  MidPoint mid("native.send.mid_stream", n);
   while (sent < n) {
     wait_ready(sock, POLLOUT, timeout_s, "send");
-    ssize_t r = ::send(sock, p + sent, static_cast<size_t>(std::min(n - sent, kMaxIo)),
+    ssize_t r = ::send(sock, p + sent, static_cast<size_t>(mid.cap(sent, std::min(n - sent, kMaxIo))),
                        MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r > 0) {
       sent += r;
+      mid.passed(sent);
       continue;
     }
     if (r < 0 && errno == EINTR) continue;
@@ -95,9 +121,10 @@ int64_t recv_checksum(int sock, uint8_t* base, int64_t n,
   crcs->assign(chunks.size(), 0);
   size_t ci = 0;
   int64_t got = 0;
+  MidPoint mid("native.recv.mid_stream", n);
   while (got < n) {
     wait_ready(sock, POLLIN, timeout_s, "recv");  // also bounds blocking sockets by the idle timeout
-    ssize_t r = ::recv(sock, base + got, static_cast<size_t>(std::min(n - got, kMaxIo)), MSG_DONTWAIT);
+    ssize_t r = ::recv(sock, base + got, static_cast<size_t>(mid.cap(got, std::min(n - got, kMaxIo))), MSG_DONTWAIT);
     if (r == 0) break;  // peer closed
     if (r < 0) {
       if (errno == EINTR) continue;
@@ -118,7 +145,9 @@ int64_t recv_checksum(int sock, uint8_t* base, int64_t n,
         break;
     }
     got += r;
+    mid.passed(got);
   }
+  if (got == n && n > 0) fp::hit("native.recv.before_ack");  // all in; the caller verifies, seals, acks
   return got;
 }
 

@@ -222,8 +222,12 @@ class Cluster:
             env.SHM_DIR: str(self.shm_dir(spec.name)),
         })
         self.shm_dir(spec.name).mkdir(exist_ok=True)
+        e.pop(env.FAILPOINTS_STATE, None)
         if spec.name in self.failpoints:
             e[env.FAILPOINTS] = self.failpoints[spec.name]
+            # N* counts for the whole host (agent and every worker it respawns), not per process
+            e[env.FAILPOINTS_STATE] = str(self.ctl_dir / "failpoints" / spec.name)
+            (self.ctl_dir / "failpoints" / spec.name).mkdir(parents=True, exist_ok=True)
         if spec.name in self.inworker:
             e["RESILIENT_CHAOS_INWORKER"] = self.inworker[spec.name]
         if self.network is not None:

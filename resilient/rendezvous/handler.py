@@ -200,10 +200,11 @@ class Rendezvous:
             self.wall,
         )
 
-    def report_progress(self, step: int) -> None:
-        """Record the last step seen on this node (``progress/<node>``, bound to the lease; rate-limited)."""
+    def report_progress(self, step: int, *, wait: bool = True) -> None:
+        """Record the last step seen on this node (``progress/<node>``, bound to the lease; rate-limited).
+        ``wait=False``: never block on etcd (see ``Membership.report_progress``)."""
         cur = self.current()
-        self.membership.report_progress(step, cur.generation if cur is not None else None)
+        self.membership.report_progress(step, cur.generation if cur is not None else None, wait=wait)
 
     def close_job(self, status: str, reason: str) -> None:
         """Mark the job closed (done or failed); the first close wins. Others' join() then raise

@@ -5,7 +5,9 @@ transient etcd errors and leader changes (an error is logged and retried with ba
 thread); only etcd's definitive answer that the lease is gone (``LeaseExpiredError``) marks it lost and
 calls ``on_lease_lost``, after which the node must rejoin with a new lease (``ensure``). Progress reports
 (``progress/<node>``, bound to the lease) are rate-limited and the last one is flushed by the keep-alive
-thread. ``keepalive_once`` is the thread's body, callable directly by tests that drive time themselves.
+thread; ``report_progress(..., wait=False)`` never blocks its caller on etcd (the due write runs on a
+short-lived thread, one at a time), so a slow etcd link cannot stall the agent's monitor loop.
+``keepalive_once`` is the thread's body, callable directly by tests that drive time themselves.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Membership:
         self._lost = False
         self._pending_progress: bytes | None = None
         self._last_progress_put = float("-inf")
+        self._flushing = False  # a background progress write is in flight
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -172,15 +175,34 @@ class Membership:
             log.info("revoked etcd lease %x (left the job)", lease)
 
     # -- progress -----------------------------------------------------------------------------------------
-    def report_progress(self, step: int, generation: int | None) -> None:
-        """Record the last step seen on this node; written at most once per keep-alive interval."""
+    def report_progress(self, step: int, generation: int | None, *, wait: bool = True) -> None:
+        """Record the last step seen on this node; written at most once per keep-alive interval. With
+        ``wait=False`` a due write goes to a background thread (skipped while one is in flight: the value
+        stays pending for the next report or the keep-alive thread)."""
         value = json.dumps({"step": step, "gen": generation, "t": self.wall()}, separators=(",", ":")).encode()
         now = self.clock()
         with self._lock:
             self._pending_progress = value
             due = now - self._last_progress_put >= self.timeouts.keepalive_interval
-        if due:
+        if due and wait:
             self.flush_progress()
+        elif due:
+            self._flush_in_background()
+
+    def _flush_in_background(self) -> None:
+        with self._lock:
+            if self._flushing:
+                return
+            self._flushing = True
+
+        def run() -> None:
+            try:
+                self.flush_progress()
+            finally:
+                with self._lock:
+                    self._flushing = False
+
+        threading.Thread(target=run, name=f"progress:{self.node.node_id}", daemon=True).start()
 
     def flush_progress(self) -> None:
         with self._lock:

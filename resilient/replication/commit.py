@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from resilient import failpoints
 from resilient.etcd.api import Compare, KVStore, Put
 from resilient.keys import JobKeys
 from resilient.logs import get_logger
@@ -112,8 +113,10 @@ class CommitExecutor:
                 return decision
             record = CommitRecord(step=step, generation=generation, world_size=world_size, replicas=required)
             guard = Compare(self.keys.committed, "mod", "==", mod) if mod else Compare(self.keys.committed, "version", "==", 0)
+            failpoints.hit("repl.commit.before_txn", step=step, gen=generation)
             result = self.rendezvous.fenced_txn(generation, [guard], [Put(self.keys.committed, record.encode())])  # type: ignore[attr-defined]
             if result.succeeded:
+                failpoints.hit("repl.commit.after_txn", step=step, gen=generation)
                 log.info("committed step %d (generation %d, %d ranks, %d copies each)", step, generation, world_size, required)
                 return decision
         return CommitDecision(WAIT, f"the commit record kept changing under {self.attempts} attempts to commit step {step}")

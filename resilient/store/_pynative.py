@@ -5,6 +5,10 @@ compare the native module against. CRC32C here is table-driven and vectorized wi
 cut into many equal lanes whose raw CRCs are computed side by side, then combined pairwise with
 "append n zero bytes" operators. Addresses are raw integers, as for the native module; memory at an
 address is reached through ctypes. There is no CUDA here: every CUDA call raises "no CUDA device".
+
+The native failpoints (``native.copy.after_data``, ``native.seal.before_flip``/``after_flip``,
+``native.send.after_header``/``mid_stream``, ``native.recv.mid_stream``/``before_ack``) are marked at
+the same places, through the Python registry (``resilient.failpoints``, the same ``$RESILIENT_FAILPOINTS``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import select
 from functools import lru_cache
 
 import numpy as np
+
+from resilient import failpoints
 
 VERSION = 1
 _POLY = 0x82F63B78
@@ -176,6 +182,7 @@ def copy_checksum_batch(dsts, srcs, sizes, chunk: int, threads: int = 0) -> list
             target = _view(dst, n)
             np.copyto(target, _view(src, n))
             out.extend(_chunk_crcs(target, chunk))
+    failpoints.hit("native.copy.after_data", native=True)
     return out
 
 
@@ -199,7 +206,28 @@ def copy_batch(dsts, srcs, sizes, threads: int = 0) -> None:
 def store_u64_release(addr: int, value: int) -> None:
     if addr & 7:
         raise ValueError("address must be 8-byte aligned")
+    if value:
+        failpoints.hit("native.seal.before_flip", native=True)
     ctypes.c_uint64.from_address(addr).value = value
+    if value:
+        failpoints.hit("native.seal.after_flip", native=True)
+
+
+FAILPOINT_NAMES = ("native.copy.after_data", "native.seal.before_flip", "native.seal.after_flip",
+                   "native.send.after_header", "native.send.mid_stream", "native.recv.mid_stream",
+                   "native.recv.before_ack")
+
+
+def failpoint_names() -> list[str]:
+    return list(FAILPOINT_NAMES)
+
+
+def failpoint_hit(name: str) -> None:
+    failpoints.hit(name, native=True)
+
+
+def failpoints_armed() -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(failpoints.armed().items()) if k.startswith("native."))
 
 
 def load_u64_acquire(addr: int) -> int:
@@ -217,28 +245,51 @@ def _wait(fd: int, writable: bool, timeout_s: float, what: str) -> None:
         raise OSError(errno.ETIMEDOUT, f"{what}: no progress for {timeout_s} s (peer unresponsive)")
 
 
+class _MidPoint:
+    """A failpoint half-way through a transfer of n bytes (I/O stops at n/2 once while it is armed)."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self.name, self.half = name, n // 2
+        self.on = n > 1 and name in failpoints.armed()
+
+    def cap(self, done: int, want: int) -> int:
+        return min(want, self.half - done) if self.on and done < self.half else want
+
+    def passed(self, done: int) -> None:
+        if self.on and done >= self.half:
+            self.on = False
+            failpoints.hit(self.name, native=True)
+
+
 def send_file_range(sock_fd: int, file_fd: int, offset: int, n: int, timeout_s: float) -> int:
     sent = 0
+    failpoints.hit("native.send.after_header", native=True)
+    mid = _MidPoint("native.send.mid_stream", n)
     while sent < n:
         try:
-            r = os.sendfile(sock_fd, file_fd, offset + sent, min(n - sent, 1 << 30))
+            r = os.sendfile(sock_fd, file_fd, offset + sent, mid.cap(sent, min(n - sent, 1 << 30)))
         except BlockingIOError:
             _wait(sock_fd, True, timeout_s, "sendfile")
             continue
         if r == 0:
             raise OSError(errno.EIO, "sendfile: source file ended before the range was sent")
         sent += r
+        mid.passed(sent)
     return sent
 
 
 def send_addr(sock_fd: int, addr: int, n: int, timeout_s: float) -> int:
     view = memoryview(_view(addr, n)) if n else memoryview(b"")
     sent = 0
+    failpoints.hit("native.send.after_header", native=True)
+    mid = _MidPoint("native.send.mid_stream", n)
     while sent < n:
         try:
-            sent += os.write(sock_fd, view[sent : sent + (1 << 30)])
+            sent += os.write(sock_fd, view[sent : sent + mid.cap(sent, 1 << 30)])
         except BlockingIOError:
             _wait(sock_fd, True, timeout_s, "send")
+            continue
+        mid.passed(sent)
     return sent
 
 
@@ -247,15 +298,19 @@ def recv_checksum(sock_fd: int, addr: int, n: int, regions, chunk: int, timeout_
     buf = _view(addr, n)
     view = memoryview(buf) if n else memoryview(bytearray())
     got = 0
+    mid = _MidPoint("native.recv.mid_stream", n)
     while got < n:
         try:
-            r = os.readv(sock_fd, [view[got:]])
+            r = os.readv(sock_fd, [view[got : got + mid.cap(got, n - got)]])
         except BlockingIOError:
             _wait(sock_fd, False, timeout_s, "recv")
             continue
         if r == 0:
             break
         got += r
+        mid.passed(got)
+    if got == n and n > 0:
+        failpoints.hit("native.recv.before_ack", native=True)
     crcs: list[int] = []
     for off, size in regions:
         if off + size > n:

@@ -1,0 +1,73 @@
+"""The replication commit sequence's failpoints (``repl.*``) are reached, in the sequence's order, by a
+real replication between two ShardManagers against a real etcd; a failpoint that stalls the commit
+after etcd accepted it delays nothing but that agent's own view."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resilient import events, failpoints
+from resilient.replication.commit import read_commit
+
+REPL_POINTS = ("repl.manifest.after_write", "repl.send.after_offer", "repl.send.after_transfer",
+               "repl.commit.before_txn", "repl.commit.after_txn")
+
+
+def state(rank: int, step: int, n: int = 20_000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(n, generator=g)
+
+
+@pytest.fixture
+def armed():
+    def arm(spec: str) -> None:
+        failpoints.configure(spec)
+
+    yield arm
+    failpoints.configure(None)
+
+
+def test_each_repl_failpoint_fires_in_the_commit_sequence_order(make_cluster, event_log, armed):
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    armed(",".join(f"{name}=sleep(0)" for name in REPL_POINTS))
+    for rank in range(2):
+        c.seal(rank, rank, 3, state(rank, 3))
+    c.wait_committed(3, [0, 1])
+    c.wait_idle([0, 1])
+    evs = events.read(event_log)
+    fired = [e for e in evs if e["kind"] == "failpoint.fired"]
+    assert {e["name"] for e in fired} == set(REPL_POINTS)
+
+    def first(pred) -> int:
+        return next(i for i, e in enumerate(evs) if pred(e))
+
+    for rank in range(2):
+        seq = [
+            first(lambda e: e["kind"] == "failpoint.fired" and e["name"] == "repl.manifest.after_write" and e["rank"] == rank),
+            first(lambda e: e["kind"] == "failpoint.fired" and e["name"] == "repl.send.after_offer" and e["rank"] == rank),
+            first(lambda e: e["kind"] == "replica.sent" and e["rank"] == rank),
+            first(lambda e: e["kind"] == "failpoint.fired" and e["name"] == "repl.send.after_transfer" and e["rank"] == rank),
+        ]
+        assert seq == sorted(seq), f"rank {rank}: {seq}"
+        assert next(e for e in fired if e["name"] == "repl.send.after_offer" and e["rank"] == rank)["to"] == f"n{1 - rank}"
+    commit = [first(lambda e: e["kind"] == "failpoint.fired" and e["name"] == "repl.commit.before_txn"),
+              first(lambda e: e["kind"] == "failpoint.fired" and e["name"] == "repl.commit.after_txn"),
+              first(lambda e: e["kind"] == "ckpt.committed")]
+    assert commit == sorted(commit)
+    assert next(e for e in fired if e["name"] == "repl.commit.after_txn")["step"] == 3
+
+
+def test_stall_after_the_commit_txn_leaves_etcd_committed_and_peers_advance(make_cluster, event_log, armed):
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    armed("repl.commit.after_txn=1*sleep(1500)")
+    for rank in range(2):
+        c.seal(rank, rank, 4, state(rank, 4))
+    c.wait_committed(4, [0, 1])  # the stalled agent learns it from etcd's watch, the other too
+    record, _ = read_commit(c.kv, c.keys)
+    assert (record.step, record.generation) == (4, 1)
+    c.wait_idle([0, 1])
+    kinds = [e["kind"] for e in events.read(event_log)]
+    assert kinds.count("ckpt.committed") == 1
