@@ -49,11 +49,13 @@ def batch(step: int, rank: int) -> torch.Tensor:
 def plain() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = torch.nn.parallel.DistributedDataParallel(make_model())
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     ckpt = os.path.join(args.out, "ckpt.pt")
+    resuming = bool(args.save_every) and os.path.exists(ckpt)
+    # every rank loads the same checkpoint below: DDP's initial parameter broadcast is redundant then
+    model = torch.nn.parallel.DistributedDataParallel(make_model(), init_sync=not resuming)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     start = 0
-    if args.save_every and os.path.exists(ckpt):
+    if resuming:
         state = torch.load(ckpt, weights_only=False)
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -80,7 +82,8 @@ def elastic() -> None:
     @resilient.elastic(snapshot_every=1)
     def train(ctx):
         model = make_model()
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        # on a restore every rank loads the same committed state in protect(): skip DDP's initial broadcast
+        model = torch.nn.parallel.DistributedDataParallel(model, init_sync=ctx.restored_step is None)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         ctx.protect(model=model, optimizer=opt)
         writer = getattr(ctx, "_writer", None)
