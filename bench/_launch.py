@@ -86,8 +86,9 @@ def run_killed(launcher: str, job_args: list[str], *, kill_after: int, timeout: 
         _kill_tree(proc)
         log.close()
     if code != 0:
+        tail = (out / "launcher.log").read_text()[-3000:]
         shutil.rmtree(out, ignore_errors=True)
-        raise RuntimeError(f"{launcher} exited with {code}:\n{(out / 'launcher.log').read_text()[-3000:]}")
+        raise RuntimeError(f"{launcher} exited with {code}:\n{tail}")
     result = {"out": str(out), "t_kill": t_kill, "exit": code}
     next_steps, before = [], []
     for rank in (0, 1):

@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--kill-after", type=int, default=34)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--timeout", type=float, default=300.0, help="per attempt (a healthy run takes ~2 min)")
     args = p.parse_args()
     params = args.layers * (args.hidden * args.hidden + args.hidden)
     job = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
