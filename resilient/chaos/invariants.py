@@ -344,18 +344,44 @@ def committed_monotonic(history: list[Change] | None, history_error: str | None 
                  f"({steps[0][1]}..{steps[-1][1]}).")
 
 
+def _commits_before_successor(history: list[Change]) -> set[tuple[int, int]]:
+    """(generation, step) of every ``committed`` record etcd accepted before generation + 1 was created."""
+    newest = 0
+    out: set[tuple[int, int]] = set()
+    for c in history:
+        if c.type != "put":
+            continue
+        if c.key.startswith("gen/"):
+            g = _gen_of_key(c.key)
+            newest = max(newest, g) if g is not None else newest
+        elif c.key == "committed":
+            try:
+                record = json.loads(c.value)
+                g, step = int(record["generation"]), int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if g >= newest:
+                out.add((g, step))
+    return out
+
+
 def no_stale_write(events: list[Event], history: list[Change] | None = None,
                    history_error: str | None = None) -> Check:
+    """No commit for a superseded generation. The events say when each process saw it; a ``ckpt.committed``
+    event is emitted after its transaction returned, so it can trail the next generation's ``gen.formed``
+    although etcd accepted the commit first: with the etcd history, etcd's order decides (and the history
+    itself is checked for accepted stale writes)."""
     newest = 0
     stale = []
     commits = 0
+    in_time = _commits_before_successor(history) if history is not None and history_error is None else set()
     for ev in sorted(events, key=lambda e: e.get("mono", 0.0)):
         g = ev.get("gen")
         if ev.get("kind") == "gen.formed" and isinstance(g, int):
             newest = max(newest, g)
         elif ev.get("kind") == "ckpt.committed" and isinstance(g, int):
             commits += 1
-            if g < newest:
+            if g < newest and (g, ev.get("step")) not in in_time:
                 stale.append(f"step {ev.get('step')} committed for generation {g} after generation {newest} formed"
                              f" (by {host_of(ev)})")
     etcd_note = ""

@@ -120,6 +120,7 @@ class JoinAttempt:
         self._phase = "announce"
         self._known_gen = 0
         self._formed_rev = 0
+        self._announced = False  # announced once in this attempt (a later announce is a re-announce)
         self._previous: Assignment | None = None
         self._round: ClosingRound | None = None
         self._lease = 0
@@ -206,14 +207,24 @@ class JoinAttempt:
         got = r.responses[-3:]
         if got[1]:
             raise closed_error(self.keys, got[1][0].value)
-        self._known_gen, self._formed_rev = _rdzv_state(got[0])
+        gen, formed_rev = _rdzv_state(got[0])
+        follow_from = r.revision
+        if self._announced and gen > self._known_gen:
+            # Announcing again (the closer left): a generation formed meanwhile may hold this node through
+            # its first announcement's waiting record. Replay it in ``_follow`` (watch from the revision it
+            # formed at) instead of taking it as known, which would skip it and wait for a round that never
+            # comes (seen in a chaos run: two agents each waiting for the other).
+            follow_from = formed_rev - 1  # watches deliver changes after the revision given
+        else:
+            self._known_gen, self._formed_rev = gen, formed_rev
+        self._announced = True
         closer = got[2]
         if r.succeeded or (closer and closer[0].value == me.encode() and closer[0].lease == lease):
             if r.succeeded:
                 log.info("closing rendezvous rounds for job %s", self.keys.job)
             self._phase = "closer_init"
             return None
-        self._watch(self.keys.gen_prefix, r.revision)
+        self._watch(self.keys.gen_prefix, follow_from)
         self._watch(self.keys.closer, r.revision)
         self._watch(self.keys.closed, r.revision)
         self._phase = "follow"

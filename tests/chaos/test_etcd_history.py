@@ -204,3 +204,23 @@ def test_ranks_restoring_different_steps_in_one_generation_fail_restores_consist
     mixed = [dict(e, step=12, origin="durable") if e["kind"] == "restore.done" and e["rank"] == 0 else e for e in ev]
     c = inv.restores_consistent(mixed)
     assert c.status == inv.FAIL and "rank 0 step 12 from durable" in c.detail and "rank 1 step 16 from local" in c.detail
+
+
+def _late_commit_event(step: int, gen: int) -> dict:
+    """A ``ckpt.committed`` event of generation ``gen`` emitted after generation 2 formed (the committing
+    thread emits after its transaction returned)."""
+    return {"kind": "ckpt.committed", "gen": gen, "step": step, "mono": 101.95, "node": "h1"}
+
+
+def test_a_late_commit_event_is_not_stale_when_etcd_accepted_the_commit_before_the_next_generation() -> None:
+    events = sigkill_run().events + [_late_commit_event(16, 1)]  # etcd: committed 16 (rev 12) < gen/2 (rev 14)
+    assert inv.no_stale_write(events).status == inv.FAIL, "without etcd's order, the events alone flag it"
+    c = inv.no_stale_write(events, _history())
+    assert c.status == inv.PASS, c.detail
+
+
+def test_a_late_commit_event_that_etcd_accepted_after_the_next_generation_is_stale() -> None:
+    h = _history() + [Change(17, "put", "committed", _commit(17, 1))]
+    c = inv.no_stale_write(sigkill_run().events + [_late_commit_event(17, 1)], h)
+    assert c.status == inv.FAIL
+    assert "step 17 committed for generation 1 after generation 2 formed" in c.detail
