@@ -128,21 +128,27 @@ class _Sink:
     def close(self) -> dict:
         """Wait for the persists; their outcomes."""
         if self.in_process:
-            outcomes = {"done": 0, "superseded": 0, "failed": 0}
-            for f in self.futures:
-                try:
-                    f.result()
-                    outcomes["done"] += 1
-                except Exception as exc:  # noqa: BLE001 - counted and reported, not hidden
-                    outcomes["superseded" if f.cancelled() else "failed"] += 1
-                    if not f.cancelled():
-                        print(f"persist failed: {exc}", file=sys.stderr)
+            outcomes = _outcomes(self.futures)
             self.persister.close()
             return outcomes
         self.conn.send(None)
         outcomes = self.conn.recv()
         self.proc.join(30)
         return outcomes
+
+
+def _outcomes(futures: list) -> dict:
+    """Wait for the persists; how many were done, superseded by a newer one, or failed (printed)."""
+    outcomes = {"done": 0, "superseded": 0, "failed": 0}
+    for f in futures:
+        try:
+            f.result()
+            outcomes["done"] += 1
+        except Exception as exc:  # noqa: BLE001 - counted and reported, not hidden
+            outcomes["superseded" if f.cancelled() else "failed"] += 1
+            if not f.cancelled():
+                print(f"persist failed: {exc}", file=sys.stderr)
+    return outcomes
 
 
 def _persist_server(conn, directory: str, snapshot_mb: float, shards: int) -> None:
@@ -155,15 +161,7 @@ def _persist_server(conn, directory: str, snapshot_mb: float, shards: int) -> No
         while (step := conn.recv()) is not None:
             snap = {r: ShardState(step, 1, v.meta, v.tensors) for r, v in snapshot.items()}
             futures.append(persister.submit(step, 1, len(snap), snap))
-        outcomes = {"done": 0, "superseded": 0, "failed": 0}
-        for f in futures:
-            try:
-                f.result()
-                outcomes["done"] += 1
-            except Exception as exc:  # noqa: BLE001 - counted and reported, not hidden
-                outcomes["superseded" if f.cancelled() else "failed"] += 1
-                if not f.cancelled():
-                    print(f"persist failed: {exc}", file=sys.stderr)
+        outcomes = _outcomes(futures)
     conn.send(outcomes)
 
 

@@ -36,10 +36,10 @@ class Waker:
             ready = [self._r]
         if not ready:
             return False
-        self.clear()
+        self._drain()
         return True
 
-    def clear(self) -> None:
+    def _drain(self) -> None:
         try:
             while os.read(self._r, 4096):
                 pass

@@ -283,13 +283,15 @@ def _ranks(raw: Any) -> list[int]:
     return list(range(int(start), int(start) + int(count)))
 
 
-def etcd_stale_writes(history: list[Change]) -> tuple[list[str], int]:
+def etcd_stale_writes(history: list[Change]) -> tuple[list[str], int, set[tuple[int, int]]]:
     """Fenced writes of a generation older than one already created in etcd at that revision: a
     ``committed`` record naming generation g, or the creation of ``ckpt/<g>/...`` or ``fault/<g>/...``.
-    Returns (problems, number of fenced writes seen)."""
+    Returns (problems, number of fenced writes seen, (generation, step) of every commit etcd accepted
+    while its generation was still the newest)."""
     newest = 0
     stale: list[str] = []
     seen = 0
+    in_time: set[tuple[int, int]] = set()
     live: set[str] = set()
     for c in history:
         if c.type != "put":
@@ -305,10 +307,13 @@ def etcd_stale_writes(history: list[Change]) -> tuple[list[str], int]:
         g = None
         if c.key == "committed":
             try:
-                g = int(json.loads(c.value)["generation"])
+                record = json.loads(c.value)
+                g = int(record["generation"])
             except (ValueError, KeyError, TypeError):
                 stale.append(f"committed holds a malformed record at revision {c.rev}")
                 continue
+            if g >= newest and isinstance(record.get("step"), int):
+                in_time.add((g, record["step"]))
         elif c.key.startswith(("ckpt/", "fault/")) and created:
             # A manifest's holders may be updated later under a newer generation's fence: only the creation
             # of a key of generation g is a write *for* generation g.
@@ -319,7 +324,7 @@ def etcd_stale_writes(history: list[Change]) -> tuple[list[str], int]:
         if g < newest:
             stale.append(f"etcd accepted {c.key} of generation {g} at revision {c.rev}, after generation {newest} "
                          f"was created")
-    return stale, seen
+    return stale, seen, in_time
 
 
 def committed_monotonic(history: list[Change] | None, history_error: str | None = None) -> Check:
@@ -344,37 +349,23 @@ def committed_monotonic(history: list[Change] | None, history_error: str | None 
                  f"({steps[0][1]}..{steps[-1][1]}).")
 
 
-def _commits_before_successor(history: list[Change]) -> set[tuple[int, int]]:
-    """(generation, step) of every ``committed`` record etcd accepted before generation + 1 was created."""
-    newest = 0
-    out: set[tuple[int, int]] = set()
-    for c in history:
-        if c.type != "put":
-            continue
-        if c.key.startswith("gen/"):
-            g = _gen_of_key(c.key)
-            newest = max(newest, g) if g is not None else newest
-        elif c.key == "committed":
-            try:
-                record = json.loads(c.value)
-                g, step = int(record["generation"]), int(record["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if g >= newest:
-                out.add((g, step))
-    return out
-
-
 def no_stale_write(events: list[Event], history: list[Change] | None = None,
                    history_error: str | None = None) -> Check:
     """No commit for a superseded generation. The events say when each process saw it; a ``ckpt.committed``
     event is emitted after its transaction returned, so it can trail the next generation's ``gen.formed``
     although etcd accepted the commit first: with the etcd history, etcd's order decides (and the history
     itself is checked for accepted stale writes)."""
+    stale: list[str] = []
+    etcd_note = ""
+    in_time: set[tuple[int, int]] = set()
+    if history_error is not None:
+        stale.append(f"the etcd history could not be read ({history_error})")
+    elif history is not None:
+        more, writes, in_time = etcd_stale_writes(history)
+        stale += more
+        etcd_note = f"; etcd accepted {writes} fenced write(s), none of a superseded generation"
     newest = 0
-    stale = []
     commits = 0
-    in_time = _commits_before_successor(history) if history is not None and history_error is None else set()
     for ev in sorted(events, key=lambda e: e.get("mono", 0.0)):
         g = ev.get("gen")
         if ev.get("kind") == "gen.formed" and isinstance(g, int):
@@ -384,13 +375,6 @@ def no_stale_write(events: list[Event], history: list[Change] | None = None,
             if g < newest and (g, ev.get("step")) not in in_time:
                 stale.append(f"step {ev.get('step')} committed for generation {g} after generation {newest} formed"
                              f" (by {host_of(ev)})")
-    etcd_note = ""
-    if history_error is not None:
-        stale.append(f"the etcd history could not be read ({history_error})")
-    elif history is not None:
-        more, writes = etcd_stale_writes(history)
-        stale += more
-        etcd_note = f"; etcd accepted {writes} fenced write(s), none of a superseded generation"
     if stale:
         return Check("no_stale_write", FAIL, "; ".join(stale[:3]) + ".")
     return Check("no_stale_write", PASS, f"{commits} commit event(s), none from a superseded generation{etcd_note}.")

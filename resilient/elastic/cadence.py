@@ -54,7 +54,6 @@ class SnapshotCadence:
         self.stride = 1
         self.written: int | None = None  # the newest periodic snapshot of this generation
         self.seen_at: int | None = None  # completed-step count when its commit was first seen
-        self.skipped = 0  # due steps passed over because replication was behind
         self.last_change: Change | None = None
 
     def new_generation(self) -> None:
@@ -72,22 +71,22 @@ class SnapshotCadence:
         """True while this rank's newest periodic snapshot is not committed."""
         return self.written is not None and (committed is None or committed < self.written)
 
+    def candidate(self, completed: int) -> bool:
+        """True at a multiple of ``every × stride``: the only steps where ``due`` can say yes or change
+        the stride (callers ask for a fresh committed step only there)."""
+        return bool(self.every) and completed % (self.every * self.stride) == 0
+
     def due(self, completed: int, committed: int | None) -> bool:
         """Whether to snapshot after ``completed`` steps; may change the stride (see ``last_change``)."""
         self.last_change = None
-        if not self.every or completed % self.every:
+        if not self.candidate(completed):
             return False
         n = completed // self.every
-        if n % self.stride:
-            return False
         if self.pending(committed):
             if self.stride < self.max_stride:
                 self._set(self.stride * 2, f"snapshot of step {self.written} not committed after "
                                            f"{completed - self.written} steps")
-            if n % self.stride:
-                self.skipped += 1
-                return False
-            return True
+            return n % self.stride == 0
         if self.stride > 1 and self.written is not None and self.seen_at is not None:
             lag = self.seen_at - self.written
             if lag * 4 <= self.stride * self.every:

@@ -301,7 +301,7 @@ class Context:
         cadence = self._cadence
         committed = self._runtime.committed_step()
         cadence.observe(self._completed, committed)
-        if not cadence.every or self._completed % cadence.every:
+        if not cadence.candidate(self._completed):
             return
         if cadence.pending(committed):
             committed = self._runtime.poll_committed()  # the cheap view may lag: ask the owner before thinning

@@ -8,6 +8,7 @@ import os
 import pytest
 import signal
 
+from resilient.testing.etcd import wait_until
 from tests.agent.conftest import SCRIPTS, step_done, worker_pids
 
 ELASTIC = str(SCRIPTS / "elastic_train.py")
@@ -88,9 +89,13 @@ def test_crash_before_first_step_exhausts_the_budget(launch, tmp_path):
 def test_unmodified_torchrun_script_survives_a_worker_kill_by_restart(launch, tmp_path):
     run = launch([*BASE, PLAIN, "--steps", "60", "--sleep", "0.05", "--out", str(tmp_path)])
     run.wait_event(lambda e: e["kind"] == "worker.exec" and e["rank"] == 1, 120, "rank 1 started")
-    import time
+    progress = tmp_path / "progress-1"  # the plain script emits no step events, it writes this file
 
-    time.sleep(1.0)  # let it reach the training loop (the plain script emits no step events)
+    def rank1_step() -> int:
+        text = progress.read_text().strip() if progress.exists() else ""
+        return int(text) if text.isdigit() else -1  # "" while the script rewrites the file
+
+    wait_until(lambda: rank1_step() >= 2, 120, "rank 1 in its training loop")
     os.kill(worker_pids(run, 1)[0], signal.SIGKILL)
     assert run.wait(180) == 0, run.output()
     assert _done(tmp_path, 0) == ["2", "1"] and _done(tmp_path, 1) == ["2", "1"]

@@ -11,6 +11,12 @@ from resilient.elastic.snapshots import SnapshotWriter
 from resilient.runtime.local import LocalRuntime
 
 
+def _context(runtime, **kw) -> tuple[Context, SnapshotWriter]:
+    writer = SnapshotWriter(runtime)
+    return Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"), writer=writer,
+                   **kw), writer
+
+
 class LaggingCommits(LocalRuntime):
     """A LocalRuntime whose commits are held back, like an agent still replicating the newest step."""
 
@@ -25,9 +31,7 @@ class LaggingCommits(LocalRuntime):
 def test_a_snapshot_replaces_the_newest_uncommitted_one_rather_than_the_committed_copy(shm_dir):
     runtime = LaggingCommits()
     try:
-        writer = SnapshotWriter(runtime)
-        ctx = Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"),
-                      writer=writer, snapshot_every=1, seed=0)
+        ctx, writer = _context(runtime, snapshot_every=1, seed=0)
         model = torch.nn.Linear(4, 2)
         ctx.protect(model=model)
         steps = ctx.steps(12)
@@ -73,9 +77,7 @@ class CommitsOnPoll(LaggingCommits):
 def test_the_owner_is_asked_before_the_newest_snapshot_is_overwritten(shm_dir):
     runtime = CommitsOnPoll()
     try:
-        writer = SnapshotWriter(runtime)
-        ctx = Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"),
-                      writer=writer, snapshot_every=1, seed=0)
+        ctx, writer = _context(runtime, snapshot_every=1, seed=0)
         ctx.protect(model=torch.nn.Linear(4, 2))
         steps = ctx.steps(5)
         next(steps)
@@ -98,9 +100,7 @@ def test_the_final_snapshot_waits_for_its_commit_while_beating(tmp_path, shm_dir
     events.open_log(str(log))
     runtime = CommitsOnPoll()
     try:
-        writer = SnapshotWriter(runtime)
-        ctx = Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"),
-                      writer=writer, snapshot_every=0, seed=0, commit_wait_s=60.0)
+        ctx, writer = _context(runtime, snapshot_every=0, seed=0, commit_wait_s=60.0)
         ctx.protect(model=torch.nn.Linear(4, 2))
         for _ in ctx.steps(3):
             pass
@@ -125,9 +125,7 @@ def test_a_final_snapshot_that_never_commits_is_reported_after_the_wait(tmp_path
     events.open_log(str(log))
     runtime = LaggingCommits()
     try:
-        writer = SnapshotWriter(runtime)
-        ctx = Context(runtime=runtime, assignment=runtime.assignment(), device=torch.device("cpu"),
-                      writer=writer, snapshot_every=0, seed=0, commit_wait_s=0.2)
+        ctx, writer = _context(runtime, snapshot_every=0, seed=0, commit_wait_s=0.2)
         ctx.protect(model=torch.nn.Linear(4, 2))
         for _ in ctx.steps(2):
             pass

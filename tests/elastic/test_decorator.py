@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import resilient
@@ -14,19 +13,9 @@ from resilient.elastic import distributed
 from resilient.elastic.decorator import ElasticConfig
 from resilient.errors import ConfigError, GenerationChangedError
 from resilient.runtime.local import LocalRuntime
+from tiny_training import build, reference_hash, step
 
 
-def build():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-
-def step(model, opt) -> None:
-    loss = model(torch.randn(3, 4)).pow(2).sum()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
 
 
 def test_generation_change_reenters_fn_and_restores_the_last_snapshot(shm_dir):
@@ -45,15 +34,7 @@ def test_generation_change_reenters_fn_and_restores_the_last_snapshot(shm_dir):
                 runtime.request_generation()
         return resilient.state_hash({"model": model, "optimizer": opt})
 
-    @resilient.elastic(runtime=lambda: LocalRuntime())
-    def reference(ctx):
-        model, opt = build()
-        ctx.protect(model=model, optimizer=opt)
-        for _ in ctx.steps(8):
-            step(model, opt)
-        return resilient.state_hash({"model": model, "optimizer": opt})
-
-    assert train() == reference()
+    assert train() == reference_hash(8)
     assert seen == [(0, 0, None), (1, 1, 5)]
     assert not dist.is_initialized()
 

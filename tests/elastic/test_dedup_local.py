@@ -4,26 +4,13 @@ argument beats ``RESILIENT_DEDUP``."""
 
 from __future__ import annotations
 
-import torch
 
 import resilient
 from resilient.elastic.decorator import ElasticConfig
 from resilient.replication.slices import marker_of
 from resilient.runtime.local import LocalRuntime
 from resilient.store import Segment
-
-
-def build():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    return model, torch.optim.Adam(model.parameters(), lr=0.1)
-
-
-def step(model, opt) -> None:
-    loss = model(torch.randn(3, 4)).pow(2).sum()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+from tiny_training import build, reference_hash, step
 
 
 def test_dedup_snapshot_restores_bit_exact_after_in_process_recovery(shm_dir):
@@ -32,7 +19,7 @@ def test_dedup_snapshot_restores_bit_exact_after_in_process_recovery(shm_dir):
 
     @resilient.elastic(snapshot_every=1, runtime=lambda: runtime, dedup=True)
     def train(ctx):
-        model, opt = build()
+        model, opt = build("adam")
         ctx.protect(model=model, optimizer=opt, epoch=3)
         seen.append(ctx.restored_step)
         for s in ctx.steps(8):
@@ -45,15 +32,7 @@ def test_dedup_snapshot_restores_bit_exact_after_in_process_recovery(shm_dir):
                 runtime.request_generation()
         return resilient.state_hash({"model": model, "optimizer": opt})
 
-    @resilient.elastic(runtime=lambda: LocalRuntime())
-    def reference(ctx):
-        model, opt = build()
-        ctx.protect(model=model, optimizer=opt)
-        for _ in ctx.steps(8):
-            step(model, opt)
-        return resilient.state_hash({"model": model, "optimizer": opt})
-
-    assert train() == reference()
+    assert train() == reference_hash(8, "adam")
     assert seen == [None, 5]
     assert markers and (markers[0].rank, markers[0].world_size) == (0, 1)
     assert markers[0].hi == markers[0].total > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from store_children import spawn_child
 from resilient.errors import TransportError
 from resilient.store import Segment
 from resilient.store.transport import BulkReceiver, send_slot
+from resilient.testing.etcd import wait_until
 
 TOKEN = "job-token-123"
 
@@ -40,11 +40,7 @@ def run_sender(mode: str, shm_dir: str, address) -> subprocess.CompletedProcess:
 
 
 def wait_for(cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.02)
+    wait_until(cond, timeout, "the receiver to record the transfer")
 
 
 def resolver(dst):

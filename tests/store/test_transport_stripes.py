@@ -15,6 +15,7 @@ from resilient.replication.ratelimit import TokenBucket
 from resilient.replication.restore import stripes
 from resilient.store import Segment
 from resilient.store.transport import BulkReceiver, send_slot
+from resilient.testing.etcd import wait_until
 
 TOKEN = b"job-token-stripes"
 CHUNK = 64 << 10
@@ -43,11 +44,7 @@ def holders(shm_dir, engine):
 
 
 def wait_for(cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.02)
+    wait_until(cond, timeout, "the receiver to record the transfer")
 
 
 def resolver(dst):

@@ -1,6 +1,7 @@
 """An unmodified torchrun-style gloo DDP script: env:// init, N steps, optional crash/hang on request.
 
-Args: --steps N --sleep S --out DIR. Env knobs (read by tests): CRASH_RANK / CRASH_STEP make that rank
+Args: --steps N --sleep S --out DIR (with --out, ``progress-<rank>`` holds the last finished step, and
+``done-<rank>`` appears at the end). Env knobs (read by tests): CRASH_RANK / CRASH_STEP make that rank
 exit(3) at that step, once per restart count 0 (so the restarted worker runs through).
 """
 
@@ -35,6 +36,9 @@ for step in range(args.steps):
     opt.zero_grad()
     loss.backward()
     opt.step()
+    if args.out:
+        with open(os.path.join(args.out, f"progress-{rank}"), "w") as fh:
+            fh.write(f"{step}\n")
     time.sleep(args.sleep)
 if args.out:
     with open(os.path.join(args.out, f"done-{rank}"), "w") as fh:
