@@ -41,6 +41,12 @@ def record(rank: int, step: int, stall: float) -> None:
                  f"{stall:.6f}\n")
 
 
+def mark(rank: int, what: str) -> None:
+    """Time the phases of (re)entering the train function: ``<what> <CLOCK_MONOTONIC> <pid>``."""
+    with open(os.path.join(args.out, f"phases-{rank}.txt"), "a") as fh:
+        fh.write(f"{what} {time.monotonic():.6f} {os.getpid()}\n")
+
+
 def batch(step: int, rank: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(step * 1000 + rank)
     return torch.randn(args.batch, args.hidden, generator=g)
@@ -81,11 +87,15 @@ def elastic() -> None:
 
     @resilient.elastic(snapshot_every=1)
     def train(ctx):
+        mark(ctx.rank, "enter")
         model = make_model()
+        mark(ctx.rank, "model")
         # on a restore every rank loads the same committed state in protect(): skip DDP's initial broadcast
         model = torch.nn.parallel.DistributedDataParallel(model, init_sync=ctx.restored_step is None)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        mark(ctx.rank, "ddp")
         ctx.protect(model=model, optimizer=opt)
+        mark(ctx.rank, "protect")
         writer = getattr(ctx, "_writer", None)
         for step in ctx.steps(args.steps):
             loss = model(batch(step, ctx.rank)).pow(2).mean()

@@ -72,6 +72,9 @@ SPAWN_MONO = "RESILIENT_SPAWN_MONO"
 JOB_TOKEN = "RESILIENT_JOB_TOKEN"
 # password of --etcd-user (kept out of the command line, where other users could read it)
 ETCD_PASSWORD = "RESILIENT_ETCD_PASSWORD"
+# "0": a worker's allocator returns freed memory to the kernel as glibc does by default; else (default)
+# it keeps it for reuse, so the model and optimizer rebuilt after a recovery pay no page faults
+RETAIN_HEAP = "RESILIENT_RETAIN_HEAP"
 # "1": @resilient.elastic snapshots only each rank's 1/N slice of model and optimizer state (dedup=None)
 DEDUP = "RESILIENT_DEDUP"
 # a directory shared by the processes of a host: N* failpoint terms (Python and native) claim their

@@ -37,7 +37,7 @@ from resilient.agent.supervisor import Supervisor, WorkerHandle, describe_exit
 from resilient.agent.worker_env import AgentPaths, worker_environment
 from resilient.agent.worker_service import WorkerService, serve
 from resilient.agent.waker import Waker
-from resilient.agent.zygote import ZygoteClient
+from resilient.agent.zygote import ZygoteClient, anon_bytes_of
 from resilient.errors import (
     EtcdError,
     FencedError,
@@ -233,7 +233,8 @@ class NodeAgent:
         if self.s.zygote and not self.s.no_python:
             self.zygote = ZygoteClient(base_env)
         self.supervisor = Supervisor(target=self.s.script, args=list(self.s.script_args), module=self.s.run_module,
-                                     no_python=self.s.no_python, zygote=self.zygote, tee=self.s.stream_tee)
+                                     no_python=self.s.no_python, zygote=self.zygote, tee=self.s.stream_tee,
+                                     standby=self.s.standby)
         self.store = StoreHost(timeout=self.s.timeouts.join_timeout)
         from resilient.rendezvous import NodeInfo, Rendezvous, RendezvousSettings
 
@@ -627,6 +628,10 @@ class NodeAgent:
         if committed is not None and committed != self._last_committed:
             self._last_committed = committed
             self._on_commit(committed, self.assignment.generation)
+            # the workers run and commit: a warm standby, sized like them, replaces the next one to fail
+            live = [h for h in self.handles.values() if h.alive]
+            if live and self._round is None:
+                self.supervisor.keep_standby(max(anon_bytes_of(h.pid) for h in live))
         steps = [h.control.get("last_step") for h in self.handles.values() if h.alive]
         if not steps:
             return

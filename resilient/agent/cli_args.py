@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--node-id", default=None, help="this node's id in the job. Default <hostname>-<pid>.")
     r.add_argument("--no-zygote", dest="zygote", action="store_false",
                    help="always start workers with a plain spawn instead of forking a warm zygote.")
+    r.add_argument("--no-standby", dest="standby", action="store_false",
+                   help="do not keep a standby worker (forked ahead of need, its heap faulted in to a worker's "
+                        "size) to replace the next failed worker; replacements are then forked when needed.")
     r.add_argument("--etcd-ca", default=None, help="CA certificate for etcd TLS.")
     r.add_argument("--etcd-cert", default=None, help="client certificate for etcd mTLS.")
     r.add_argument("--etcd-key", default=None, help="client key for etcd mTLS.")
@@ -234,6 +237,7 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
         run_module=ns.module,
         no_python=ns.no_python,
         zygote=ns.zygote,
+        standby=ns.standby,
         advertise_addr=advertise,
     )
 

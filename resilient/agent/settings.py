@@ -47,6 +47,7 @@ class AgentSettings:
     run_module: bool = False  # -m: script is a module name
     no_python: bool = False  # --no-python: script is an executable
     zygote: bool = True
+    standby: bool = True  # keep one warm standby worker forked from the zygote (--no-standby)
     host: str = field(default_factory=socket.gethostname)
     advertise_addr: str = "127.0.0.1"
 

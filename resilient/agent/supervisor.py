@@ -1,5 +1,8 @@
 """Worker processes of one node: start (fork from the zygote or plain spawn), reap, signal, stop, dump stacks.
 
+A replacement worker comes from the standby when one is ready (``keep_standby``: a worker forked from
+the zygote ahead of need, its heap already faulted in to the size the workers use; see ``zygote``).
+
 Workers are started in their own process group so that a stop reaches their children too; they die with
 the agent (``PR_SET_PDEATHSIG``, set by ``bootstrap``). Exits are collected with ``waitpid`` (forked
 workers are re-parented to the agent, a child subreaper), so the real exit code or signal is always known.
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from resilient import env, events
-from resilient.agent.zygote import ZygoteClient
+from resilient.agent.zygote import Standby, ZygoteClient, launch_request
 from resilient.errors import WorkerError
 from resilient.logs import get_logger
 from resilient.runtime.control import ControlBlock
@@ -33,7 +36,7 @@ class WorkerHandle:
     rank: int
     generation: int
     pid: int
-    how: str  # "fork" | "spawn"
+    how: str  # "fork" | "standby" | "spawn"
     control: ControlBlock
     error_file: str
     stdout_path: str | None
@@ -106,8 +109,11 @@ def describe_exit(code: int | None) -> str:
 class Supervisor:
     """Starts and stops this node's workers. ``zygote`` may be None (plain spawn only)."""
 
+    # a standby is warmed again only when the workers' memory grew by more than this fraction
+    REWARM_GROWTH = 0.1
+
     def __init__(self, *, target: str, args: list[str], module: bool, no_python: bool,
-                 zygote: ZygoteClient | None, tee: tuple[bool, bool]) -> None:
+                 zygote: ZygoteClient | None, tee: tuple[bool, bool], standby: bool = True) -> None:
         self._target = target
         self._args = args
         self._module = module
@@ -116,6 +122,44 @@ class Supervisor:
         self._tee = tee
         self._tailers: list[_Tailer] = []
         self._logged_choice: str | None = None
+        self._standby_on = standby and zygote is not None and not no_python
+        self._standby: Standby | None = None
+
+    def keep_standby(self, warm_bytes: int) -> None:
+        """Have one standby ready, warmed to ``warm_bytes`` of anonymous memory (a worker's); forks one
+        from the zygote when there is none. Cheap when nothing changed: call it as often as convenient."""
+        if not self._standby_on or self._zygote is None or not self._zygote.usable():
+            return
+        sb = self._standby
+        if sb is not None and not sb.alive():
+            log.warning("standby pid %d exited (%s); forking another", sb.pid, describe_exit(sb.exitcode))
+            sb.close()
+            sb = self._standby = None
+        try:
+            if sb is None:
+                sb = self._standby = self._zygote.standby()
+                events.emit("standby.start", pid=sb.pid)
+                log.info("standby worker pid %d forked (replaces the next failed worker)", sb.pid)
+            if warm_bytes > sb.warmed_to * (1 + self.REWARM_GROWTH):
+                sb.warm(warm_bytes)
+                log.debug("standby pid %d warms its heap to %d bytes", sb.pid, warm_bytes)
+        except WorkerError as exc:
+            log.warning("no standby worker: %s; replacements are forked when needed", exc)
+            if self._standby is not None:
+                self._standby.close()
+                self._standby = None
+
+    def _take_standby(self, request: dict) -> int | None:
+        """The standby turned into the worker ``request`` describes (its pid), or None when there is none."""
+        sb, self._standby = self._standby, None
+        if sb is None:
+            return None
+        try:
+            return sb.activate(request)
+        except WorkerError as exc:
+            log.warning("the standby could not take over (%s); forking the worker instead", exc)
+            sb.close()
+            return None
 
     def start(self, *, slot: int, rank: int, generation: int, env_vars: dict[str, str], control: ControlBlock,
               error_file: str, stdout_path: str | None, stderr_path: str | None) -> WorkerHandle:
@@ -148,9 +192,13 @@ class Supervisor:
         elif not self._zygote.usable():
             choice_reason = f"forking is unsafe or unavailable: {self._zygote.why}"
         if choice_reason is None:
+            request = launch_request(target=self._target, args=self._args, module=self._module, env=env_vars,
+                                     cwd=os.getcwd(), stdout=stdout_path, stderr=stderr_path)
+            pid = self._take_standby(request)
+            if pid is not None:
+                return "standby", pid, None
             try:
-                pid = self._zygote.fork(target=self._target, args=self._args, module=self._module, env=env_vars,
-                                        cwd=os.getcwd(), stdout=stdout_path, stderr=stderr_path)
+                pid = self._zygote.fork(**request)
                 self._log_choice("fork", "workers are forked from the warm zygote (torch already imported)")
                 return "fork", pid, None
             except WorkerError as exc:
@@ -225,6 +273,9 @@ class Supervisor:
         return where
 
     def close(self) -> None:
+        if self._standby is not None:
+            self._standby.close()
+            self._standby = None
         for t in self._tailers:
             t.stop()
         self._tailers.clear()

@@ -6,7 +6,9 @@ initialised, no thread started), reports whether forking is safe, and then forks
 
 Protocol (newline-delimited JSON over the socketpair): zygote -> agent ``{"op": "ready", "fork_safe",
 "why", "import_s"}``; agent -> zygote ``{"op": "fork", "id", "target", "args", "module", "env", "cwd",
-"stdout", "stderr"}``; zygote -> agent ``{"id", "pid"}`` or ``{"id", "error"}``.
+"stdout", "stderr"}``; zygote -> agent ``{"id", "pid"}`` or ``{"id", "error"}``. A standby (below):
+agent -> zygote ``{"op": "standby", "id"}``; zygote -> agent ``{"id", "pid"}`` with the agent's end of the
+standby's own socketpair attached (``SCM_RIGHTS``).
 
 Each worker is forked twice (zygote -> short-lived middle -> worker) so that it is re-parented to the agent
 (a child subreaper): the agent then reaps it with ``waitpid`` like a spawned worker and sees its real exit
@@ -14,12 +16,19 @@ status. The worker waits to be re-parented, sets ``PR_SET_PDEATHSIG`` against th
 own process group, takes its environment, working directory and stdio, reseeds Python's and NumPy's
 global RNGs (as a fresh process would have), and runs the script as ``__main__``.
 
-``ZygoteClient`` is the agent's side.
+**Standby**: a worker forked ahead of need. It waits on its own channel, keeps freed memory
+(``bootstrap.retain_heap``) and, told ``{"op": "warm", "bytes"}``, faults in heap until its anonymous
+memory reaches that many bytes and frees it again (kept, and mapped); ``{"op": "run", <a fork request>}``
+turns it into that worker. A replacement worker then allocates its model and optimizer state from pages
+that are already there instead of page-faulting gigabytes on the recovery path; end of channel: it exits.
+
+``ZygoteClient`` is the agent's side; ``Standby`` is the agent's handle of one standby.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import random
@@ -29,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from resilient.agent import bootstrap
 from resilient.errors import WorkerError
@@ -56,18 +65,29 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
     sock.sendall((json.dumps(msg) + "\n").encode())
 
 
+def _await_reparent(agent_pid: int) -> None:
+    """In a freshly forked worker: wait until the middle process exited (re-parenting us to the agent), then
+    die with the agent and leave the zygote's process group."""
+    deadline = time.monotonic() + 5.0
+    while os.getppid() != agent_pid:
+        if time.monotonic() > deadline:
+            os._exit(137)
+        time.sleep(0.0005)
+    bootstrap.die_with_parent(agent_pid)
+    os.setpgid(0, 0)
+
+
 def _child(sock: socket.socket, agent_pid: int, req: dict[str, Any]) -> None:
     """In the forked worker: never returns."""
+    sock.close()
+    _await_reparent(agent_pid)
+    _become_worker(agent_pid, req, how="fork")
+
+
+def _become_worker(agent_pid: int, req: dict[str, Any], *, how: str) -> None:
+    """Take the worker's environment, working directory and stdio, and run its script: never returns."""
     code = 1
     try:
-        sock.close()
-        deadline = time.monotonic() + 5.0
-        while os.getppid() != agent_pid:
-            if time.monotonic() > deadline:
-                os._exit(137)
-            time.sleep(0.0005)
-        bootstrap.die_with_parent(agent_pid)
-        os.setpgid(0, 0)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.chdir(req["cwd"])
@@ -87,7 +107,7 @@ def _child(sock: socket.socket, agent_pid: int, req: dict[str, Any]) -> None:
         if np is not None:
             np.random.seed()
         bootstrap.prepare(agent_pid)
-        bootstrap.emit_exec("fork")
+        bootstrap.emit_exec(how)
         code = bootstrap.run_target(req["target"], list(req["args"]), module=bool(req.get("module")))
     except BaseException as exc:  # anything escaping here would return into the zygote's loop
         bootstrap.write_error_file(exc)
@@ -106,7 +126,63 @@ def _child(sock: socket.socket, agent_pid: int, req: dict[str, Any]) -> None:
                 os._exit(code)
 
 
-def _fork(sock: socket.socket, agent_pid: int, req: dict[str, Any]) -> int:
+# ----------------------------------------------------------------------------------------------------
+# standby
+# ----------------------------------------------------------------------------------------------------
+WARM_PIECE = 64 << 20  # heap is faulted in this many bytes at a time (below the retained mmap threshold)
+
+
+def warm_heap(target: int) -> int:
+    """Fault in heap until this process holds ``target`` bytes of anonymous memory, then free it: with
+    ``bootstrap.retain_heap`` in force the pages stay mapped for the next allocations. Returns the bytes
+    faulted in (0 when there was nothing to do, or nothing would be kept)."""
+    need = target - anon_bytes_of(os.getpid())
+    if need <= 0:
+        return 0
+    libc = ctypes.CDLL(None)
+    libc.malloc.argtypes, libc.malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
+    libc.free.argtypes, libc.free.restype = (ctypes.c_void_p,), None
+    pieces = []
+    try:
+        while need > 0:
+            p = libc.malloc(WARM_PIECE)
+            if not p:
+                break  # out of memory: warm what we could
+            ctypes.memset(p, 0, WARM_PIECE)
+            pieces.append(p)
+            need -= WARM_PIECE
+    finally:
+        for p in pieces:
+            libc.free(p)
+    return len(pieces) * WARM_PIECE
+
+
+def _standby_child(sock: socket.socket, chan: socket.socket, agent_pid: int) -> None:
+    """In a forked standby: wait for ``warm`` and ``run`` messages; never returns."""
+    sock.close()
+    _await_reparent(agent_pid)
+    retained = bootstrap.retain_heap()
+    buf = b""
+    while True:
+        try:
+            chunk = chan.recv(1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            os._exit(0)  # the agent closed the channel (or died): nobody will need this standby
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if msg.get("op") == "warm" and retained:
+                warm_heap(int(msg["bytes"]))
+            elif msg.get("op") == "run":
+                chan.close()
+                _become_worker(agent_pid, msg, how="standby")
+
+
+def _fork(sock: socket.socket, agent_pid: int, child: Callable[[], None]) -> int:
+    """Fork ``child`` twice removed (it is re-parented to the agent); returns its pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
@@ -116,7 +192,14 @@ def _fork(sock: socket.socket, agent_pid: int, req: dict[str, Any]) -> int:
         worker = os.fork()
         if worker == 0:
             os.close(w)
-            _child(sock, agent_pid, req)
+            try:
+                child()  # never returns when all goes well
+            except BaseException:  # noqa: BLE001 - the child must never return into the zygote's loop
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(1)
         os.write(w, str(worker).encode())
         os._exit(0)
     os.close(w)
@@ -131,6 +214,16 @@ def _fork(sock: socket.socket, agent_pid: int, req: dict[str, Any]) -> int:
     if not data:
         raise WorkerError("the zygote's middle process died before reporting the worker's pid")
     return int(data)
+
+
+def _fork_standby(sock: socket.socket, agent_pid: int, req: dict[str, Any]) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = _fork(sock, agent_pid, lambda: (ours.close(), _standby_child(sock, theirs, agent_pid)))
+        socket.send_fds(sock, [(json.dumps({"id": req["id"], "pid": pid}) + "\n").encode()], [ours.fileno()])
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def zygote_main(fd: int, agent_pid: int) -> None:
@@ -166,9 +259,12 @@ def zygote_main(fd: int, agent_pid: int) -> None:
             if req.get("op") == "exit":
                 os._exit(0)
             try:
-                pid = _fork(sock, agent_pid, req)
+                if req.get("op") == "standby":
+                    _fork_standby(sock, agent_pid, req)
+                    continue
+                pid = _fork(sock, agent_pid, lambda: _child(sock, agent_pid, req))
                 _send(sock, {"id": req["id"], "pid": pid})
-            except OSError as exc:
+            except (OSError, WorkerError) as exc:
                 _send(sock, {"id": req["id"], "error": f"fork failed: {exc}"})
 
 
@@ -205,20 +301,10 @@ class ZygoteClient:
     def pid(self) -> int:
         return self._proc.pid
 
-    def _readline(self, timeout: float | None) -> dict[str, Any] | None:
-        self._sock.settimeout(timeout)
-        while b"\n" not in self._buf:
-            chunk = self._sock.recv(1 << 16)
-            if not chunk:
-                return None
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
-
     def _wait_ready(self) -> None:
         try:
             with self._lock:
-                msg = self._readline(None)
+                msg, _fds = self._readline_fds(None)
             if msg and msg.get("op") == "ready":
                 self.fork_safe = bool(msg["fork_safe"])
                 self.why = msg.get("why", "")
@@ -238,29 +324,63 @@ class ZygoteClient:
     def usable(self) -> bool:
         return self._ready.is_set() and self.fork_safe and self._proc.poll() is None
 
-    def fork(self, *, target: str, args: list[str], module: bool, env: dict[str, str], cwd: str,
-             stdout: str | None, stderr: str | None, timeout: float = 10.0) -> int:
+    def _request(self, req: dict[str, Any], timeout: float, what: str) -> tuple[dict[str, Any], list[int]]:
+        """Send one request and read its reply (with any file descriptors passed along with it)."""
         if not self.usable():
             raise WorkerError(f"the zygote cannot fork workers: {self.why}")
         with self._lock:
             self._next_id += 1
-            req = {"op": "fork", "id": self._next_id, "target": target, "args": args, "module": module,
-                   "env": env, "cwd": cwd, "stdout": stdout, "stderr": stderr}
+            req = {**req, "id": self._next_id}
             try:
                 self._sock.settimeout(timeout)
                 self._sock.sendall((json.dumps(req) + "\n").encode())
-                reply = self._readline(timeout)
+                reply, fds = self._readline_fds(timeout)
             except (OSError, ValueError) as exc:
                 self.fork_safe = False
                 self.why = f"the zygote stopped answering: {exc}"
-                raise WorkerError(f"the zygote did not fork the worker: {exc}") from exc
+                raise WorkerError(f"the zygote did not fork the {what}: {exc}") from exc
         if reply is None:
             self.fork_safe = False
             self.why = "the zygote exited"
-            raise WorkerError("the zygote exited while forking a worker")
+            raise WorkerError(f"the zygote exited while forking the {what}")
         if "error" in reply:
-            raise WorkerError(f"the zygote could not fork the worker: {reply['error']}")
+            for fd in fds:
+                os.close(fd)
+            raise WorkerError(f"the zygote could not fork the {what}: {reply['error']}")
+        return reply, fds
+
+    def _readline_fds(self, timeout: float | None) -> tuple[dict[str, Any] | None, list[int]]:
+        """One reply line, and the descriptors passed along with its bytes (SCM_RIGHTS)."""
+        self._sock.settimeout(timeout)
+        fds: list[int] = []
+        while b"\n" not in self._buf:
+            chunk, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, 4)
+            fds += got
+            if not chunk:
+                for fd in fds:
+                    os.close(fd)
+                return None, []
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line), fds
+
+    def fork(self, *, target: str, args: list[str], module: bool, env: dict[str, str], cwd: str,
+             stdout: str | None, stderr: str | None, timeout: float = 10.0) -> int:
+        reply, fds = self._request({"op": "fork", **launch_request(target=target, args=args, module=module, env=env,
+                                                                  cwd=cwd, stdout=stdout, stderr=stderr)},
+                                   timeout, "worker")
+        for fd in fds:
+            os.close(fd)
         return int(reply["pid"])
+
+    def standby(self, timeout: float = 10.0) -> "Standby":
+        """Fork a standby worker (see the module docstring); WorkerError when the zygote cannot."""
+        reply, fds = self._request({"op": "standby"}, timeout, "standby")
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise WorkerError(f"the zygote forked standby pid {reply['pid']} but passed {len(fds)} channels, not 1")
+        return Standby(int(reply["pid"]), socket.socket(fileno=fds[0]))
 
     def close(self) -> None:
         try:
@@ -274,6 +394,82 @@ class ZygoteClient:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+
+
+def launch_request(*, target: str, args: list[str], module: bool, env: dict[str, str], cwd: str,
+                   stdout: str | None, stderr: str | None) -> dict[str, Any]:
+    """What a forked worker or an activated standby needs to become a given worker."""
+    return {"target": target, "args": args, "module": module, "env": env, "cwd": cwd, "stdout": stdout,
+            "stderr": stderr}
+
+
+class Standby:
+    """The agent's handle of one standby worker (a child of the agent, re-parented like forked workers).
+
+    ``warm`` and ``activate`` only write to the standby's channel; ``close`` ends it and reaps it."""
+
+    def __init__(self, pid: int, chan: socket.socket) -> None:
+        self.pid = pid
+        self._chan = chan
+        self.warmed_to = 0  # the largest ``warm`` target sent
+        self.exitcode: int | None = None
+
+    def alive(self) -> bool:
+        if self.exitcode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.exitcode = -signal.SIGKILL
+                return False
+            if pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+        return self.exitcode is None
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            self._chan.settimeout(5.0)
+            self._chan.sendall((json.dumps(msg) + "\n").encode())
+        except OSError as exc:
+            raise WorkerError(f"standby pid {self.pid} cannot be reached: {exc}") from exc
+
+    def warm(self, nbytes: int) -> None:
+        """Have it fault in heap up to ``nbytes`` of anonymous memory (it does so while waiting)."""
+        self._send({"op": "warm", "bytes": int(nbytes)})
+        self.warmed_to = max(self.warmed_to, int(nbytes))
+
+    def activate(self, request: dict[str, Any]) -> int:
+        """Turn it into the worker ``request`` describes (see ``launch_request``); returns its pid."""
+        if not self.alive():
+            raise WorkerError(f"standby pid {self.pid} exited ({self.exitcode})")
+        self._send({"op": "run", **request})
+        self._chan.close()
+        return self.pid
+
+    def close(self, grace: float = 2.0) -> None:
+        """End an unused standby (its channel closes: it exits) and reap it."""
+        self._chan.close()
+        deadline = time.monotonic() + grace
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.alive():
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            while self.alive():
+                time.sleep(0.005)
+
+
+def anon_bytes_of(pid: int) -> int:
+    """Resident anonymous memory (``RssAnon``) of a process, in bytes; 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 if __name__ == "__main__":

@@ -240,6 +240,19 @@ def check_module_shapes(name: str, module: torch.nn.Module, state: Mapping[str, 
         )
 
 
+def live_module_tensors(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The live tensors of the protected modules under the names ``capture`` stores them by: a restore
+    reads into these directly (they share storage with the parameters and buffers)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, obj in objects.items():
+        if kinds[name] != "module":
+            continue
+        for key, value in unwrap(obj).state_dict().items():
+            if isinstance(value, torch.Tensor):
+                out[f"{name}/{key}"] = value.detach()
+    return out
+
+
 def restore_object(name: str, obj: Any, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
     """Load one protected object's state; returns the object (or the restored value for plain values).
 

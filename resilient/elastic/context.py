@@ -162,8 +162,9 @@ class Context:
             if name.startswith("_"):
                 raise StateError(f"ctx.protect({name}=...): names starting with '_' are reserved for resilient.")
             kinds[name] = cap.kind_of(name, obj)
+        # the first load reads module state straight into the live parameters and buffers (no second copy)
+        loaded = self._load(into=cap.live_module_tensors(objects, kinds))
         state = self.state
-        loaded = self._load()
         out: dict[str, Any] = {}
         for name in cap.restore_order(objects, kinds):
             obj = objects[name]
@@ -196,7 +197,8 @@ class Context:
             )
         return entries[name]
 
-    def _load(self) -> LoadedSnapshot | None:
+    def _load(self, into: dict[str, torch.Tensor] | None = None) -> LoadedSnapshot | None:
+        """The committed snapshot, read on first use (``into``: live tensors to read straight into)."""
         if self._source is None:
             return None
         if self._loaded is None:
@@ -205,7 +207,7 @@ class Context:
                     "ctx.protect() after the step loop began cannot restore anything: the snapshot was released; "
                     "protect every object before the first ctx.steps()."
                 )
-            self._loaded = load_snapshot(self._source, self._writer)
+            self._loaded = load_snapshot(self._source, self._writer, into=into)
             events.emit(
                 "restore.done",
                 step=self._loaded.step,

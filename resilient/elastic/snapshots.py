@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -292,15 +293,19 @@ class _InFlight:
     launch_s: float
 
 
-def load_snapshot(source: RestoreSource, writer: SnapshotWriter | None = None) -> LoadedSnapshot:
-    """Read and verify the committed snapshot ``source`` names (fresh CPU tensors + unpickled meta)."""
+def load_snapshot(source: RestoreSource, writer: SnapshotWriter | None = None,
+                  into: Mapping[str, torch.Tensor] | None = None) -> LoadedSnapshot:
+    """Read and verify the committed snapshot ``source`` names (CPU tensors + unpickled meta).
+
+    ``into`` (stored name -> live tensor, e.g. a module's parameters): read straight into those where they
+    fit (``Segment.read``); every other tensor comes back freshly allocated."""
     began = time.perf_counter()
     if writer is not None:
         writer.finish()  # the restore writes into the tensors an overlapped copy may still read
     own = writer is not None and writer.segment is not None and writer.segment.name == source.segment
     segment = writer.segment if own else Segment.open(source.segment)
     try:
-        snap = segment.read(step=source.step, verify=True)
+        snap = segment.read(step=source.step, verify=True, into=into)
     finally:
         if not own:
             segment.close()

@@ -15,6 +15,7 @@ import errno
 import mmap
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -508,31 +509,26 @@ class Segment:
                 f"Segment {self.name!r} slot {slot} was overwritten while it was being read; read again."
             )
 
-    def read(self, *, step: int | None = None, verify: bool = True) -> Snapshot:
-        """Fresh CPU copies of the latest sealed snapshot (or the sealed one of ``step``)."""
+    def read(self, *, step: int | None = None, verify: bool = True,
+             into: Mapping[str, torch.Tensor] | None = None) -> Snapshot:
+        """Copies of the latest sealed snapshot (or the sealed one of ``step``), verified unless told not to.
+
+        ``into``: tensors to read straight into, by name (a restore passes the live parameters, saving an
+        allocation, its page faults and a second copy); one whose dtype or shape differs from the stored
+        tensor's, or that is not contiguous, is left alone and a fresh one is read instead (the caller's
+        ``load_state_dict`` then reports the mismatch). The others come back as fresh CPU tensors."""
         self._check_open()
         slot = self._select(step)
         seq = self._seq(slot)
         rec, index = self._load_index(slot)
-        tensors = {t.name: torch.empty(t.shape, dtype=dtype_from_name(t.dtype)) for t in index.tensors}
-        meta_t = torch.empty(index.meta_nbytes, dtype=torch.uint8)
-        targets = [tensors[t.name] for t in index.tensors] + [meta_t]
-        self._copy_out(slot, rec, index, targets, verify)
-        self._check_unchanged(slot, seq)
-        return Snapshot(rec.step, rec.generation, meta_t.numpy().tobytes(), tensors)
-
-    def _copy_out(self, slot: int, rec: SlotRecord, index: SlotIndex, targets: list[torch.Tensor], verify: bool) -> None:
-        """Copy every region (tensors then meta) into the CPU tensors ``targets``, verifying if asked."""
-        base = self._base + self._header.data_offset_of(slot)
-        regions = index.regions()
-        dsts = [t.data_ptr() for t in targets]
-        srcs = [base + off for _, off, _ in regions]
-        sizes = [n for _, _, n in regions]
-        if verify:
-            got = self._be.copy_checksum_batch(dsts, srcs, sizes, index.chunk)
-            self._verify(slot, rec, index, got)
-        else:
-            self._be.copy_batch(dsts, srcs, sizes)
+        into = into or {}
+        targets = {}
+        for spec in index.tensors:
+            given = into.get(spec.name)
+            if not (isinstance(given, torch.Tensor) and _fits(given, spec)):
+                given = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype))
+            targets[spec.name] = given
+        return self._read_targets(slot, seq, rec, index, targets, verify)
 
     def read_into(self, targets: dict[str, torch.Tensor], *, step: int | None = None, verify: bool = True) -> Snapshot:
         """Copy stored tensors into the caller's tensors (CPU or CUDA; same dtype and shape, contiguous)."""
@@ -556,6 +552,12 @@ class Segment:
                 )
             if t.device.type not in ("cpu", "cuda"):
                 raise StateError(f"Target for {name!r} is on device {t.device}; use a CPU or CUDA tensor.")
+        return self._read_targets(slot, seq, rec, index, targets, verify)
+
+    def _read_targets(self, slot: int, seq: int, rec: SlotRecord, index: SlotIndex, targets: dict[str, torch.Tensor],
+                      verify: bool) -> Snapshot:
+        """Copy the named stored tensors (checked to fit) and the meta out of ``slot``, verifying if asked."""
+        specs = {t.name: t for t in index.tensors}
         base = self._base + self._header.data_offset_of(slot)
         regions = index.regions()
         got: list[int] = [0] * len(index.crcs)
@@ -760,28 +762,23 @@ class _MetaSpec:
     nbytes: int
 
 
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault in (and map writable) every page of a range, contents unchanged
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.madvise.restype = ctypes.c_int
+def _fits(t: torch.Tensor, spec) -> bool:
+    """Whether ``t`` can take the stored tensor ``spec`` as it is (CPU, contiguous, same dtype and shape)."""
+    return (t.device.type == "cpu" and t.is_contiguous() and dtype_name(t.dtype) == spec.dtype
+            and tuple(t.shape) == tuple(spec.shape))
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
-    """Map shared and pre-faulted: the first snapshot then pays no page faults inside the copy.
+    """Map shared, not pre-faulted: page-table entries are made by the first touch of each page.
 
-    Not with ``MAP_POPULATE``: ``mmap.mmap`` holds the GIL for the whole system call, and populating a
-    few GB took seconds in which no other thread of the process ran (an agent creating its workers'
-    segments lost its etcd lease that way). ``madvise(MADV_POPULATE_WRITE)`` through ctypes, which
-    releases the GIL around the call, does the same work while other threads run. On older kernels the
-    pages are faulted in by the first copy instead."""
-    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    anchor = ctypes.c_char.from_buffer(mm)
-    try:
-        if _libc.madvise(ctypes.addressof(anchor), size, MADV_POPULATE_WRITE) != 0:
-            _log.debug("madvise(MADV_POPULATE_WRITE) failed (errno %d): pages fault in on first use", ctypes.get_errno())
-    finally:
-        del anchor  # an exported buffer would keep the mapping from being closed
-    return mm
+    The file's pages already exist (``posix_fallocate`` reserved them on tmpfs), so a first touch is a
+    minor fault (no zeroing, no allocation). Pre-faulting the whole mapping (``MAP_POPULATE`` or
+    ``madvise(MADV_POPULATE_WRITE)``) cost 0.5 s per 2.7 GB segment at every open, on the recovery path
+    three times over (the agent reading a marker, the restore, the writer's first snapshot), for pages a
+    reader mostly never touches; faulting a slot in during the first write into it costs 0.15 s per GB,
+    once. (``MAP_POPULATE`` also held the GIL for the whole call: an agent creating big segments lost its
+    etcd lease that way.)"""
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def _available_bytes(directory: str) -> int | None:

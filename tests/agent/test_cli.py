@@ -63,8 +63,15 @@ def test_torchrun_flags_parse_with_both_spellings():
     assert s.script_args == ("--lr", "0.1")
 
 
+def test_standby_and_zygote_are_on_unless_turned_off():
+    on = cli_args.parse(["--standalone", SCRIPT])
+    assert on.standby and on.zygote
+    off = cli_args.parse(["--standalone", "--no-standby", "--no-zygote", SCRIPT])
+    assert not off.standby and not off.zygote
+
+
 def test_help_explains_the_flags():
     text = cli_args.build_parser().format_help()
     for flag in ("--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--standalone", "--lease-ttl", "--hang-timeout",
-                 "--replicas", "--snapshot-every", "--persist-dir", "--metrics-port", "--event-log"):
+                 "--replicas", "--snapshot-every", "--persist-dir", "--metrics-port", "--event-log", "--no-standby"):
         assert flag in text

@@ -37,6 +37,9 @@ def test_worker_kill_respawns_only_that_worker_and_survivor_recovers_in_process(
     assert run.wait(180) == 0, run.output()
     assert len(worker_pids(run, 0)) == 1, "the surviving worker must not be restarted"
     assert len(worker_pids(run, 1)) == 2, "only the killed worker is respawned"
+    replacement = [e for e in run.events("worker.start") if e["rank"] == 1][1]
+    standbys = [e["pid"] for e in run.events("standby.start")]
+    assert replacement["how"] == "standby" and replacement["pid"] in standbys, "the warm standby took over"
     formed = [e for e in run.events("gen.formed") if "in_process" in e and e["gen"] == 2]
     assert formed and formed[0]["in_process"] == [0] and formed[0]["respawned"] == [1]
     assert any(e["rank"] == 0 for e in run.events("recover.done"))

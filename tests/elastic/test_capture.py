@@ -91,6 +91,23 @@ def test_round_trip_is_bitwise_equal_to_uninterrupted_run(local_runtime):
     writer.close()
 
 
+def test_restore_reads_module_state_into_the_live_parameters(local_runtime):
+    writer = SnapshotWriter(local_runtime)
+    model, opt, _, _ = build()
+    ctx = context(local_runtime, writer)
+    ctx.protect(model=model, optimizer=opt)
+    ctx.snapshot()
+    fresh, fresh_opt, _, _ = build(seed=5)
+    weight = fresh[0].weight
+    ctx2 = context(local_runtime, writer)
+    ctx2.protect(model=fresh, optimizer=fresh_opt)
+    # the snapshot's copy of model/0.weight *is* the parameter's memory: read in place, not copied twice
+    assert ctx2._loaded.tensors["model/0.weight"].data_ptr() == weight.data_ptr()
+    assert fresh[0].weight is weight
+    assert state_hash({"model": fresh, "optimizer": fresh_opt}) == state_hash({"model": model, "optimizer": opt})
+    writer.close()
+
+
 def test_snapshot_holds_named_tensors_and_plain_values(local_runtime):
     from resilient.store import Segment
 

@@ -114,6 +114,29 @@ def test_read_into_fills_targets(seg):
         seg.read_into({"a": torch.empty(300, 300, dtype=torch.float64)})
 
 
+def test_read_into_live_tensors_where_they_fit_fresh_elsewhere(seg):
+    src = {"w": torch.randn(64, 32), "b": torch.randn(32), "n": torch.arange(7)}
+    seg.write(src, step=5, generation=1)
+    seg.seal()
+    live_w = torch.zeros(64, 32)
+    wrong_shape = torch.zeros(33)
+    wrong_dtype = torch.zeros(7, dtype=torch.float32)
+    snap = seg.read(into={"w": live_w, "b": wrong_shape, "n": wrong_dtype, "absent": torch.zeros(1)})
+    assert snap.tensors["w"] is live_w  # read in place: no allocation, no second copy
+    assert snap.tensors["b"] is not wrong_shape and snap.tensors["n"] is not wrong_dtype
+    assert torch.equal(wrong_shape, torch.zeros(33)) and torch.equal(wrong_dtype, torch.zeros(7))  # untouched
+    assert "absent" not in snap.tensors
+    assert_same(snap.tensors, src)
+
+
+def test_read_into_live_tensor_still_detects_corruption(seg):
+    seg.write({"w": torch.randn(100_000)}, step=2, generation=0)
+    info = seg.seal()
+    seg.slot_buffer(info.slot)[100] ^= 0x01
+    with pytest.raises(ChecksumError, match="'w' chunk 0"):
+        seg.read(into={"w": torch.empty(100_000)})
+
+
 def test_non_contiguous_tensor_is_refused_by_name(seg):
     with pytest.raises(StateError, match="'weight.T'.*not contiguous"):
         seg.write({"ok": torch.ones(3), "weight.T": torch.ones(4, 5).t()}, step=1, generation=0)
