@@ -31,7 +31,7 @@ from resilient.elastic.capture import Captured, load_meta
 from resilient.errors import StateError
 from resilient.replication.slices import MARKER, PREFIX, bounds
 from resilient.store import Segment
-from resilient.store.segment import dtype_from_name, dtype_name
+from resilient.store.segment import dtype_from_name, dtype_name, fits_stored
 
 DEDUP_KINDS = ("module", "optimizer")
 META_KEY = "dedup"
@@ -84,9 +84,11 @@ def _pieces(layout: Sequence, lo: int, hi: int) -> list[tuple[str, int, int]]:
 
 
 def assemble(meta: Mapping[str, Any], own: Mapping[str, torch.Tensor], slices: Sequence[str], *, step: int,
-             generation: int, own_segment: Segment | None = None) -> dict[str, torch.Tensor]:
+             generation: int, own_segment: Segment | None = None,
+             into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The whole tensors of a sliced snapshot: ``own`` (the tensors read from this rank's source shard)
-    without the slice tensors, plus every shared tensor rebuilt from the ``slices`` segments."""
+    without the slice tensors, plus every shared tensor rebuilt from the ``slices`` segments (straight
+    into the tensors of ``into`` where they fit, as ``Segment.read`` does)."""
     d = meta[META_KEY]
     world, total, layout, mine = int(d["world_size"]), int(d["total"]), d["layout"], int(d["rank"])
     if len(slices) < world:
@@ -94,7 +96,10 @@ def assemble(meta: Mapping[str, Any], own: Mapping[str, torch.Tensor], slices: S
             f"The snapshot of step {step} is sliced across {world} ranks (dedup) but the runtime named "
             f"{len(slices)} slice segments ({list(slices)}); every slice of the step is needed to restore it."
         )
-    bufs = {k: torch.empty(n, dtype=torch.uint8) for (k, _dt, _shape, n) in layout}
+    into = into or {}
+    live = {k: into[k] for (k, dt, shape, _n) in layout if fits_stored(into.get(k), dt, tuple(shape))}
+    bufs = {k: (_bytes_view(live[k]) if k in live else torch.empty(n, dtype=torch.uint8))
+            for (k, _dt, _shape, n) in layout}
     for r in range(world):
         lo, hi = bounds(r, world, total)
         pieces = _pieces(layout, lo, hi)
@@ -124,7 +129,7 @@ def assemble(meta: Mapping[str, Any], own: Mapping[str, torch.Tensor], slices: S
             )
     out = {k: v for k, v in own.items() if k != MARKER and not k.startswith(PREFIX)}
     for (k, dt, shape, _n) in layout:
-        out[k] = bufs[k].view(dtype_from_name(dt)).reshape(tuple(shape))
+        out[k] = live[k] if k in live else bufs[k].view(dtype_from_name(dt)).reshape(tuple(shape))
     return out
 
 

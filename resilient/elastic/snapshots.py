@@ -319,7 +319,7 @@ def load_snapshot(source: RestoreSource, writer: SnapshotWriter | None = None,
     if dedup.is_sliced(meta):  # a data-parallel deduplicated snapshot: put the whole back from every slice
         slices = source.slices or ((source.segment,) if meta[dedup.META_KEY]["world_size"] == 1 else ())
         tensors = dedup.assemble(meta, tensors, slices, step=snap.step, generation=snap.generation,
-                                 own_segment=writer.segment if writer is not None else None)
+                                 own_segment=writer.segment if writer is not None else None, into=into)
     return LoadedSnapshot(
         step=snap.step,
         generation=snap.generation,

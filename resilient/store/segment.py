@@ -525,7 +525,7 @@ class Segment:
         targets = {}
         for spec in index.tensors:
             given = into.get(spec.name)
-            if not (isinstance(given, torch.Tensor) and _fits(given, spec)):
+            if not fits_stored(given, spec.dtype, spec.shape):
                 given = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype))
             targets[spec.name] = given
         return self._read_targets(slot, seq, rec, index, targets, verify)
@@ -762,10 +762,11 @@ class _MetaSpec:
     nbytes: int
 
 
-def _fits(t: torch.Tensor, spec) -> bool:
-    """Whether ``t`` can take the stored tensor ``spec`` as it is (CPU, contiguous, same dtype and shape)."""
-    return (t.device.type == "cpu" and t.is_contiguous() and dtype_name(t.dtype) == spec.dtype
-            and tuple(t.shape) == tuple(spec.shape))
+def fits_stored(t: object, dtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether ``t`` can take a stored tensor of ``dtype`` (its stored name) and ``shape`` as it is: a
+    contiguous CPU tensor of that dtype and shape."""
+    return (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+            and dtype_name(t.dtype) == dtype and tuple(t.shape) == tuple(shape))
 
 
 def _map(fd: int, size: int) -> mmap.mmap:

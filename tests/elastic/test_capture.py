@@ -91,8 +91,9 @@ def test_round_trip_is_bitwise_equal_to_uninterrupted_run(local_runtime):
     writer.close()
 
 
-def test_restore_reads_module_state_into_the_live_parameters(local_runtime):
-    writer = SnapshotWriter(local_runtime)
+@pytest.mark.parametrize("dedup", [False, True], ids=["whole", "dedup-sliced"])
+def test_restore_reads_module_state_into_the_live_parameters(local_runtime, dedup):
+    writer = SnapshotWriter(local_runtime, dedup=dedup)
     model, opt, _, _ = build()
     ctx = context(local_runtime, writer)
     ctx.protect(model=model, optimizer=opt)
