@@ -445,6 +445,7 @@ def run_scenario(scenario: Scenario, *, script: Path | None, seed: int | None, o
     from resilient.chaos import report
 
     script = (script or DEFAULT_SCRIPT).resolve()
+    out = Path(out).resolve()  # the agents run in their own directories: every path handed to them is absolute
     seed = scenario.seed if seed is None else seed
     run_dir = out / scenario.name / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ SCENARIO = Path(__file__).resolve().parents[2] / "chaos" / "scenarios" / "worker
 
 
 @pytest.mark.slow
-def test_worker_sigkill_scenario_runs_and_reports_honestly(tmp_path: Path) -> None:
+def test_worker_sigkill_scenario_runs_and_reports_honestly(tmp_path: Path, monkeypatch) -> None:
     if preflight.launcher_help() is None:
         pytest.skip("resilient-run is not available")
     s = scn.load(SCENARIO)
@@ -32,7 +32,9 @@ def test_worker_sigkill_scenario_runs_and_reports_honestly(tmp_path: Path) -> No
                             faults=(dataclasses.replace(s.faults[0], trigger=dataclasses.replace(s.faults[0].trigger,
                                                                                                   value=8)),))
     before = {p.pid for p in psutil.process_iter()}
-    rep = run_scenario(s, script=None, seed=7, out=tmp_path, repro="resilient-chaos run worker_sigkill.yaml")
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `resilient-chaos run x.yaml` defaults to: the agents run
+    rep = run_scenario(s, script=None, seed=7, out=Path("results"),  # in directories of their own
+                       repro="resilient-chaos run worker_sigkill.yaml")
     run_dir = Path(rep["artifacts"])
     assert rep["verdict"] in ("pass", "fail"), rep.get("reason")
     assert "baseline" not in rep["checks"], rep["reason"]
