@@ -120,6 +120,19 @@ def run_killed_retrying(launcher: str, job_args: list[str], *, kill_after: int, 
     raise RuntimeError(f"{launcher}: no run completed in {attempts} attempts: {failures}")
 
 
+def _job_marks(out: pathlib.Path, t_kill: float) -> dict:
+    """Seconds from the kill until the slowest rank re-entered the train function, built its model and
+    finished ``protect`` (the restore), from the ``phases-<rank>.txt`` marks of ``_ddp_job.py``."""
+    latest: dict[str, float] = {}
+    for path in out.glob("phases-*.txt"):
+        for line in path.read_text().splitlines():
+            what, mono, _pid = line.split()
+            if float(mono) > t_kill:
+                latest[what] = max(latest.get(what, 0.0), float(mono) - t_kill)
+    names = {"enter": "entered_train_fn_s", "model": "model_built_s", "protect": "restored_s"}
+    return {names[k]: round(v, 4) for k, v in latest.items() if k in names}
+
+
 def resilient_phases(result: dict) -> dict:
     """detect / rendezvous / spawn / first step of the recovery, from the agent's and workers' events."""
     evs, t_kill = result["events"], result["t_kill"]
@@ -128,7 +141,9 @@ def resilient_phases(result: dict) -> dict:
     execs = [e for e in evs if e["kind"] == "worker.exec" and e["mono"] > t_kill]
     recov = [e for e in evs if e["kind"] == "recover.done" and e["mono"] > t_kill]
     stalls = [e["stall_s"] for e in evs if e["kind"] == "snapshot.sealed"]
+    marks = _job_marks(pathlib.Path(result["out"]), t_kill)
     return {
+        **marks,
         "detect_s": round(exit_ev["mono"] - t_kill, 4),
         "rendezvous_s": round(formed["rendezvous_s"], 4),
         "spawn_to_user_code_s": round(execs[0]["startup_s"], 4) if execs else None,

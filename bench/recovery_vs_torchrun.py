@@ -9,7 +9,9 @@ Rank 1 is SIGKILLed once both ranks finished step ``--kill-after``; both in the 
     python bench/recovery_vs_torchrun.py --hidden 2048         # ~25M params, quicker
 
 Prints one JSON line: {"torchrun_recovery_s", "resilient_recovery_s", "ratio", "torchrun_steps_lost",
-"resilient_steps_lost", "torchrun_stall_s", "resilient_stall_s", "params", ...}.
+"resilient_steps_lost", "torchrun_stall_s", "resilient_stall_s", "params", ...}; ``resilient_phases``
+breaks the recovery down (detection, rendezvous, how the replacement started, and, from the job's own
+marks, when the slowest rank re-entered the train function, had built its model and had restored).
 """
 
 from __future__ import annotations
