@@ -10,46 +10,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/resilient-gpu-check}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" RESILIENT_CUDA=ON
-export CUDACXX="${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-start=$(date +%s)
-step() { echo "== $* ($(( $(date +%s) - start )) s)" | tee -a "$OUT/env.txt"; }
+source bench/gpu_common.sh
+gpu_begin
 
 step env
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-  "$CUDACXX" --version 2>&1 | tail -2
-  cmake --version 2>&1 | head -1
-  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'torch sees no GPU')" 2>&1
-  df -h /dev/shm 2>&1 | tail -1
-  nproc
-} >>"$OUT/env.txt" 2>&1
-
-# A tmpfs large enough for 2 x 4 GB slots plus the tests, if /dev/shm is small (VMs often give 64 MB).
-shm_avail=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
-if [ -z "$shm_avail" ] || [ "$shm_avail" -lt $((16 * 1024 * 1024)) ]; then
-  mkdir -p /tmp/resilient-shm
-  if mount -t tmpfs -o size=24g tmpfs /tmp/resilient-shm 2>>"$OUT/env.txt"; then
-    export RESILIENT_SHM_DIR=/tmp/resilient-shm
-    echo "using tmpfs $RESILIENT_SHM_DIR (24g) for segments" >>"$OUT/env.txt"
-  fi
-fi
-SHM="${RESILIENT_SHM_DIR:-/dev/shm}"
-
-[ -f README.md ] || printf '# resilient\n' > README.md   # the package metadata names a readme
+gpu_report_env
+gpu_ensure_shm 16 24   # 2 x 4 GB slots plus the tests, if /dev/shm is small (VMs often give 64 MB)
 step build
-if ! timeout 240 "$PY" -m pip install --no-build-isolation --no-deps . >"$OUT/build.full" 2>&1; then
-  tail -80 "$OUT/build.full" >"$OUT/build.log"
-  echo "BUILD FAILED (see build.log)" | tee -a "$OUT/env.txt"
-  exit 1
-fi
-tail -30 "$OUT/build.full" >"$OUT/build.log"; rm -f "$OUT/build.full"
-# tests and bench import the source tree: put the installed extension beside it
-so=$(cd / && "$PY" -c "import resilient._native as m; print(m.__file__)")
-cp "$so" resilient/
-"$PY" -c "import resilient._native as n; print('native cuda compiled', n.cuda_compiled(), 'available', n.cuda_available(), n.cuda_status())" >>"$OUT/env.txt" 2>&1
+gpu_build 240 || exit 1
 
 step pytest
 OMP_NUM_THREADS=1 timeout 200 "$PY" -m pytest tests/store -q -rs -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
