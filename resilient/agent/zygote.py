@@ -18,7 +18,8 @@ global RNGs (as a fresh process would have), and runs the script as ``__main__``
 
 **Standby**: a worker forked ahead of need. It waits on its own channel, keeps freed memory
 (``bootstrap.retain_heap``) and, told ``{"op": "warm", "bytes"}``, faults in heap until its anonymous
-memory reaches that many bytes and frees it again (kept, and mapped); ``{"op": "run", <a fork request>}``
+memory reaches that many bytes (``warm_budget``: never into the last fifth of the host's memory) and
+frees it again (kept, and mapped); ``{"op": "run", <a fork request>}``
 turns it into that worker. A replacement worker then allocates its model and optimizer state from pages
 that are already there instead of page-faulting gigabytes on the recovery path; end of channel: it exits.
 
@@ -132,11 +133,37 @@ def _become_worker(agent_pid: int, req: dict[str, Any], *, how: str) -> None:
 WARM_PIECE = 64 << 20  # heap is faulted in this many bytes at a time (below the retained mmap threshold)
 
 
+# a standby never warms itself into the last fifth of the host's memory: it would push the workers (or the
+# shared-memory snapshots) towards the OOM killer for a speed-up of the next recovery
+WARM_RESERVE_FRACTION = 0.2
+
+
+def warm_budget(target: int, have: int, available: int | None, total: int | None) -> int:
+    """Bytes a standby holding ``have`` should fault in to reach ``target``, leaving at least
+    ``WARM_RESERVE_FRACTION`` of the host's memory (``total``) available (``available``: MemAvailable;
+    None when unknown: no cap)."""
+    need = max(0, target - have)
+    if available is not None and total is not None:
+        need = min(need, max(0, available - int(total * WARM_RESERVE_FRACTION)))
+    return need
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def warm_heap(target: int) -> int:
-    """Fault in heap until this process holds ``target`` bytes of anonymous memory, then free it: with
-    ``bootstrap.retain_heap`` in force the pages stay mapped for the next allocations. Returns the bytes
-    faulted in (0 when there was nothing to do, or nothing would be kept)."""
-    need = target - anon_bytes_of(os.getpid())
+    """Fault in heap until this process holds ``target`` bytes of anonymous memory (within
+    ``warm_budget``), then free it: with ``bootstrap.retain_heap`` in force the pages stay mapped for the
+    next allocations. Returns the bytes faulted in (0 when there was nothing to do)."""
+    need = warm_budget(target, anon_bytes_of(os.getpid()), _meminfo("MemAvailable"), _meminfo("MemTotal"))
     if need <= 0:
         return 0
     libc = ctypes.CDLL(None)

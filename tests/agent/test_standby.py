@@ -53,6 +53,18 @@ def test_an_unused_standby_exits_when_closed(tmp_path):
     assert driver["gone"] and probe is None
 
 
+def test_a_standby_warms_to_the_workers_size_but_never_into_the_last_fifth_of_memory():
+    from resilient.agent.zygote import warm_budget
+
+    gb = 1 << 30
+    assert warm_budget(3 * gb, have=1 * gb, available=20 * gb, total=24 * gb) == 2 * gb
+    assert warm_budget(3 * gb, have=4 * gb, available=20 * gb, total=24 * gb) == 0  # already that big
+    # 24 GB host: a fifth (4.8 GB) stays available, so with 6 GB available only 1.2 GB may be faulted in
+    assert warm_budget(10 * gb, have=0, available=6 * gb, total=24 * gb) == 6 * gb - int(24 * gb * 0.2)
+    assert warm_budget(10 * gb, have=0, available=4 * gb, total=24 * gb) == 0
+    assert warm_budget(2 * gb, have=0, available=None, total=None) == 2 * gb  # /proc/meminfo unreadable
+
+
 RETAIN = textwrap.dedent("""
     import json, resource
     from resilient.agent import bootstrap
