@@ -203,6 +203,7 @@ class Driver:
                     backend=backend,
                     device=device,
                     timeout=timedelta(seconds=self.config.pg_timeout_s),
+                    superseded=runtime.pending_generation,
                 )
                 if recovery is not None:
                     recovery.phases["pg_init_s"] = time.monotonic() - began

@@ -9,6 +9,12 @@ Three ways to form the group, chosen by the runtime's ``rendezvous`` attribute:
 * ``"env"`` (plain torchrun): ``init_method="env://"``.
 * ``"single"`` (``python train.py``): world size 1 over an in-process ``HashStore``.
 
+Under the agent the ranks first gather on the generation's store (``_gather``: an arrival counter and a
+flag the last arrival sets) while each checks whether its generation was superseded: a rank that died
+before joining (a replacement crashing as it starts) would otherwise keep its peers inside
+``init_process_group`` for the whole group timeout (300 s) after the agent had formed the next
+generation, and the next generation would then wait for them as long.
+
 Teardown never waits for a collective timeout: NCCL communicators are aborted (``ProcessGroup.abort``)
 before ``destroy_process_group``.
 """
@@ -16,7 +22,9 @@ before ``destroy_process_group``.
 from __future__ import annotations
 
 import re
+import time
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,6 +57,38 @@ def _client_store(addr: str, port: int, timeout: timedelta) -> dist.TCPStore:
     return store
 
 
+ARRIVED_KEY = "resilient/arrived"
+ALL_ARRIVED_KEY = "resilient/all-arrived"
+GATHER_POLL_MAX_S = 0.05  # the longest pause between two looks at the flag (and at the generation)
+
+
+def _gather(store: dist.Store, assignment: WorkerAssignment, timeout: timedelta,
+            superseded: Callable[[], bool], clock: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], None] = time.sleep) -> None:
+    """Wait until every rank of the generation reached its store; GenerationChangedError as soon as
+    ``superseded()`` (a newer generation was announced: someone will never arrive), RuntimeError after
+    ``timeout``. Polls the flag with ``check`` (no blocking store call to cancel), backing off from 2 ms."""
+    if store.add(ARRIVED_KEY, 1) >= assignment.world_size:
+        store.set(ALL_ARRIVED_KEY, b"1")
+        return
+    deadline = clock() + timeout.total_seconds()
+    pause = 0.002
+    while not store.check([ALL_ARRIVED_KEY]):
+        if superseded():
+            arrived = store.add(ARRIVED_KEY, 0)
+            raise GenerationChangedError(
+                f"generation {assignment.generation} was superseded while its ranks gathered ({arrived} of "
+                f"{assignment.world_size} arrived); joining the next one"
+            )
+        if clock() >= deadline:
+            raise RuntimeError(
+                f"timed out after {timeout.total_seconds():.0f}s waiting for the ranks of generation "
+                f"{assignment.generation} ({store.add(ARRIVED_KEY, 0)} of {assignment.world_size} arrived)"
+            )
+        sleep(pause)
+        pause = min(pause * 1.5, GATHER_POLL_MAX_S)
+
+
 def init(
     assignment: WorkerAssignment,
     *,
@@ -56,8 +96,10 @@ def init(
     backend: str,
     device: torch.device,
     timeout: timedelta,
+    superseded: Callable[[], bool] | None = None,
 ) -> None:
-    """Form the default process group for ``assignment``."""
+    """Form the default process group for ``assignment``; under the agent the ranks gather first and give
+    up as soon as ``superseded()`` says a newer generation was announced (see the module docstring)."""
     if dist.is_initialized():
         teardown(abort=True)
     kwargs: dict = {"backend": backend, "timeout": timeout}
@@ -73,6 +115,8 @@ def init(
     else:
         client = _client_store(assignment.master_addr, assignment.master_port, timeout)
         store = dist.PrefixStore(f"resilient/gen{assignment.generation}", client)
+        if superseded is not None:
+            _gather(store, assignment, timeout, superseded)
     dist.init_process_group(store=store, rank=assignment.rank, world_size=assignment.world_size, **kwargs)
 
 

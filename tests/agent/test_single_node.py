@@ -50,6 +50,23 @@ def test_worker_kill_respawns_only_that_worker_and_survivor_recovers_in_process(
     assert _done(tmp_path, 1)[3] == digest0, "both ranks end with the same weights"
 
 
+def test_a_replacement_dying_before_it_joins_does_not_hold_its_peers_for_the_group_timeout(launch, tmp_path):
+    """Rank 1's replacement for generation 2 exits as it starts; rank 0 is already waiting for it. Rank 0
+    must leave generation 2 as soon as generation 3 is announced (it sat in init_process_group for the
+    whole 300 s group timeout before, and generation 3 then waited for it as long)."""
+    run = launch([*BASE, ELASTIC, "--steps", "30", "--sleep", "0.05", "--out", str(tmp_path)],
+                 env={"CRASH_AT_GENERATION": "2"})
+    run.wait_event(step_done(rank=1, at_least=5), 120, "rank 1 at step 5")
+    os.kill(worker_pids(run, 1)[0], signal.SIGKILL)
+    assert run.wait(90) == 0, run.output()
+    crashed = [e for e in run.events("worker.exit") if e["gen"] == 2 and e["exitcode"] == 3]
+    assert crashed, "the generation-2 replacement exited as it started"
+    left = [e for e in run.events("recover.begin") if e["rank"] == 0 and e["gen"] == 2]
+    assert left and "superseded" in left[0]["reason"], left
+    world, gen, step, digest0, _ = _done(tmp_path, 0)
+    assert (world, gen, step) == ("2", "3", "29") and _done(tmp_path, 1)[3] == digest0
+
+
 def test_hung_worker_is_detected_dumped_and_killed(launch, tmp_path):
     run = launch([*BASE, "--hang-timeout", "2", ELASTIC, "--steps", "30", "--sleep", "0.05", "--out", str(tmp_path)])
     run.wait_event(step_done(rank=1, at_least=3), 120, "rank 1 at step 3")

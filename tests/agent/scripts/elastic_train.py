@@ -2,7 +2,9 @@
 
 Args: --steps N --sleep S --out DIR. Writes ``<out>/done-<rank>`` with "<world> <generation> <step> <hash>"
 when it finishes, and ``<out>/pid-<rank>-<pid>`` when it starts (so tests can find who to kill).
-Env knobs: CRASH_BEFORE_FIRST_STEP=1 makes every rank-1 process exit(5) before its first step.
+Env knobs: CRASH_BEFORE_FIRST_STEP=1 makes every rank-1 process exit(5) before its first step;
+CRASH_AT_GENERATION=g makes the rank-1 process started for generation g exit(3) as it starts, before
+it joins the process group (its peers are already waiting there).
 """
 
 import argparse
@@ -19,6 +21,8 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--sleep", type=float, default=0.05)
 p.add_argument("--out", required=True)
 args = p.parse_args()
+if os.environ.get("RANK") == "1" and os.environ.get("CRASH_AT_GENERATION") == os.environ.get("RESILIENT_GENERATION"):
+    os._exit(3)
 
 
 @resilient.elastic(snapshot_every=1)
