@@ -163,7 +163,8 @@ class Context:
                 raise StateError(f"ctx.protect({name}=...): names starting with '_' are reserved for resilient.")
             kinds[name] = cap.kind_of(name, obj)
         # the first load reads module state straight into the live parameters and buffers (no second copy)
-        loaded = self._load(into=cap.live_module_tensors(objects, kinds))
+        first_load = self._source is not None and self._loaded is None
+        loaded = self._load(into=cap.live_module_tensors(objects, kinds) if first_load else None)
         state = self.state
         out: dict[str, Any] = {}
         for name in cap.restore_order(objects, kinds):
