@@ -27,11 +27,17 @@ p.add_argument("--out", required=True)
 args = p.parse_args()
 
 
-def make_model() -> torch.nn.Module:
+def make_model(skip_init: bool = False) -> torch.nn.Module:
+    """``skip_init``: the plain script's way to skip the random initialisation a resume overwrites anyway
+    (``torch.nn.utils.skip_init``); the elastic script builds under ``ctx.skip_init()`` instead."""
     torch.manual_seed(0)
     layers = []
     for _ in range(args.layers):
-        layers += [torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU()]
+        if skip_init:
+            linear = torch.nn.utils.skip_init(torch.nn.Linear, args.hidden, args.hidden)
+        else:
+            linear = torch.nn.Linear(args.hidden, args.hidden)
+        layers += [linear, torch.nn.ReLU()]
     return torch.nn.Sequential(*layers)
 
 
@@ -57,8 +63,9 @@ def plain() -> None:
     rank = dist.get_rank()
     ckpt = os.path.join(args.out, "ckpt.pt")
     resuming = bool(args.save_every) and os.path.exists(ckpt)
-    # every rank loads the same checkpoint below: DDP's initial parameter broadcast is redundant then
-    model = torch.nn.parallel.DistributedDataParallel(make_model(), init_sync=not resuming)
+    # every rank loads the same checkpoint below: the random initialisation and DDP's initial parameter
+    # broadcast are redundant then
+    model = torch.nn.parallel.DistributedDataParallel(make_model(skip_init=resuming), init_sync=not resuming)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     start = 0
     if resuming:
@@ -88,7 +95,8 @@ def elastic() -> None:
     @resilient.elastic(snapshot_every=1)
     def train(ctx):
         mark(ctx.rank, "enter")
-        model = make_model()
+        with ctx.skip_init():  # on a restore the snapshot overwrites the random initialisation
+            model = make_model()
         mark(ctx.rank, "model")
         # on a restore every rank loads the same committed state in protect(): skip DDP's initial broadcast
         model = torch.nn.parallel.DistributedDataParallel(model, init_sync=ctx.restored_step is None)

@@ -2,7 +2,8 @@
 
 ``decorator`` (the recovery loop), ``context`` (what the train function sees), ``capture`` (protected
 objects <-> named tensors + meta), ``snapshots`` (segment write/read), ``rng`` (generator states),
-``distributed`` (process-group lifetime), ``exactness`` (``state_hash``).
+``distributed`` (process-group lifetime), ``exactness`` (``state_hash``), ``skipinit`` (``ctx.skip_init()``:
+no random initialisation of modules a restore overwrites).
 
 This package is itself callable and is the decorator: ``resilient.elastic`` names both the package and
 the decorator (Python binds a subpackage as an attribute of its parent on import), so calling the

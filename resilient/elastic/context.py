@@ -19,6 +19,7 @@ completed steps and ``restored_step`` after a recovery is that count.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 from resilient import events, logs
 from resilient.data import ElasticSampler
 from resilient.elastic import capture as cap
-from resilient.elastic import rng
+from resilient.elastic import rng, skipinit
 from resilient.elastic.cadence import SnapshotCadence
 from resilient.elastic.snapshots import LoadedSnapshot, SnapshotWriter, load_snapshot
 from resilient.errors import GenerationChangedError, StateError
@@ -222,6 +223,11 @@ class Context:
                 self._loaded.seconds,
             )
         return self._loaded
+
+    def skip_init(self) -> "contextlib.AbstractContextManager[None]":
+        """On a restore, modules built inside this block skip their random initialisation (the snapshot
+        overwrites it in ``protect``); on a fresh start it does nothing. See ``resilient.elastic.skipinit``."""
+        return skipinit.skip_init(self.restored_step is not None)
 
     # --- hooks ------------------------------------------------------------------------------------------
     def on_world_change(self, callback: Callable[[int, int], None]) -> None:

@@ -109,6 +109,30 @@ def test_restore_reads_module_state_into_the_live_parameters(local_runtime, dedu
     writer.close()
 
 
+def test_skip_init_on_restore_still_restores_bitwise_and_does_nothing_on_a_fresh_start(local_runtime):
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    writer = SnapshotWriter(local_runtime)
+    fresh_ctx = context(local_runtime, writer)
+    assert fresh_ctx.restored_step is None
+    before = torch.get_rng_state()
+    with fresh_ctx.skip_init():  # nothing to restore: the model is initialised as usual
+        model = net()
+    assert not torch.equal(before, torch.get_rng_state()), "a fresh start must initialise"
+    fresh_ctx.protect(model=model, optimizer=torch.optim.AdamW(model.parameters()))
+    fresh_ctx.snapshot()
+    ctx = context(local_runtime, writer)
+    assert ctx.restored_step is not None
+    before = torch.get_rng_state()
+    with ctx.skip_init():
+        rebuilt = net()
+    assert torch.equal(before, torch.get_rng_state()), "the initialisers were skipped"
+    ctx.protect(model=rebuilt, optimizer=torch.optim.AdamW(rebuilt.parameters()))
+    assert state_hash({"model": rebuilt}) == state_hash({"model": model})
+    writer.close()
+
+
 def test_snapshot_holds_named_tensors_and_plain_values(local_runtime):
     from resilient.store import Segment
 
