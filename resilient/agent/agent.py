@@ -44,7 +44,6 @@ from resilient.errors import (
     RendezvousClosedError,
     RendezvousError,
     RestartBudgetExceededError,
-    ResilientError,
 )
 from resilient.keys import JobKeys
 from resilient.runtime.api import WorkerAssignment

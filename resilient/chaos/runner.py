@@ -25,7 +25,7 @@ from resilient.chaos.eventlog import Event, EventTail, fields_match, read_dir
 from resilient.chaos.faults import ACTIONS, Injection, Plan
 from resilient.chaos.progress import Progress
 from resilient.chaos.scenario import Fault, Scenario
-from resilient.chaos.teardown import Teardown, alive, wait_gone
+from resilient.chaos.teardown import Teardown, wait_gone
 from resilient.chaos.topology import DEFAULT_SCRIPT, Cluster
 from resilient.errors import ChaosError
 from resilient.etcd.server import find_etcd_binary

@@ -68,7 +68,7 @@ from resilient.replication.peer_service import (
     Sender,
     start_server,
 )
-from resilient.replication.ratelimit import TokenBucket
+from resilient.replication.ratelimit import Pacer
 from resilient.replication.settings import ReplicationSettings
 from resilient.runtime.api import RestoreSource
 from resilient.store.transport import BulkReceiver, SlotHeader, send_slot
@@ -161,8 +161,10 @@ class ShardManager(PeerHandler):
         self._active: set[int] = set()
         self._expect: dict[tuple[int, int, int], _Expected] = {}
         self._fetching: dict[tuple[int, int, int], threading.Lock] = {}  # one restore fetch per shard at a time
-        self._bucket = (
-            TokenBucket(self.settings.rate_limit_bps, self.settings.rate_limit_bps * 0.25, time.monotonic())
+        # paces every piece of every transfer (``send_slot(..., pace=...)``), so a big shard is paced inside
+        # its transfer rather than bursting at line rate
+        self._pace = (
+            Pacer(self.settings.rate_limit_bps, self.settings.rate_limit_bps * 0.25)
             if self.settings.rate_limit_bps
             else None
         )
@@ -341,17 +343,6 @@ class ShardManager(PeerHandler):
             return f"not replicated within {self.settings.replicate_timeout_s:g}s"
         return None
 
-    def _pace(self, nbytes: int) -> None:
-        """Block until ``nbytes`` more may be sent under the rate limit (a reservation in the shared bucket);
-        ``send_slot(..., pace=self._pace)`` calls it for every piece of a transfer, so a big shard is paced
-        inside its transfer rather than bursting at line rate."""
-        if self._bucket is None:
-            return
-        with self._lock:
-            wait = self._bucket.reserve(nbytes, time.monotonic())
-        if wait > 0:
-            time.sleep(wait)
-
     def _replicate(self, job: _Job, assignment, placement: placement_mod.Placement) -> None:
         if assignment is None or placement is None or assignment.generation != job.generation:
             raise ReplicationError(f"generation {job.generation} is not current")
@@ -383,7 +374,7 @@ class ShardManager(PeerHandler):
             if remaining <= 0:
                 raise ReplicationError(f"not replicated within {self.settings.replicate_timeout_s:g}s")
             sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining,
-                             pace=self._pace if self._bucket is not None else None)
+                             pace=self._pace)
             with self._lock:
                 self.stats.sent_bytes += sent
                 self.stats.sent_shards += 1
@@ -505,7 +496,7 @@ class ShardManager(PeerHandler):
                 self._report_corrupt(ref.rank, ref.step, self.node.node_id, str(exc))
                 continue
             sent = send_slot(seg, slot, split_hostport(bulk_addr), self.token, timeout=self.settings.replicate_timeout_s,
-                             pace=self._pace if self._bucket is not None else None, byte_range=byte_range)
+                             pace=self._pace, byte_range=byte_range)
             with self._lock:
                 self.stats.sent_bytes += sent
             return pb.PullReply(ok=True, nbytes=sent)

@@ -4,8 +4,6 @@ and an unmodified torchrun DDP script."""
 from __future__ import annotations
 
 import os
-
-import pytest
 import signal
 
 from resilient.testing.etcd import wait_until

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.agent.conftest import SCRIPTS, step_done, worker_pids
+from resilient.testing.etcd import wait_until
+from tests.agent.conftest import SCRIPTS, worker_pids
 
 SCRIPT = str(SCRIPTS / "transformer_train.py")
 BASE = ["--standalone", "--nproc-per-node", "2", "--lease-ttl", "2"]
 STEPS = 30
 VICTIM = 1
+HOLD_AT = 8  # both ranks of the faulted run wait after this step until the victim is killed
 
 
 def _final_hashes(run) -> dict[int, str]:
@@ -23,20 +25,24 @@ def _final_hashes(run) -> dict[int, str]:
 
 
 def test_sigkilled_worker_resumes_a_transformer_bitwise_equal_to_a_fault_free_run(launch, tmp_path):
-    args = [SCRIPT, "--steps", str(STEPS), "--step-sleep-ms", "60"]
+    args = [SCRIPT, "--steps", str(STEPS)]
     clean = launch([*BASE, *args], name="clean")
     assert clean.wait(120) == 0, clean.output()
     reference = _final_hashes(clean)
     assert reference[0] == reference[1] and reference[0], "data-parallel ranks end with the same state"
     assert not clean.events("restore.done")
 
-    faulted = launch([*BASE, *args], name="faulted")
-    committed = faulted.wait_event(lambda e: e["kind"] == "ckpt.committed" and e["step"] >= 4, 120,
-                                   "a committed snapshot of step 4 or later")["step"]
-    # step indices count from 0: step.done of index `committed` is one step past the committed snapshot
-    faulted.wait_event(step_done(rank=VICTIM, at_least=committed), 120, f"rank {VICTIM} past step {committed}")
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    faulted = launch([*BASE, *args, "--hold-at-step", str(HOLD_AT), "--hold-dir", str(hold)], name="faulted")
+    wait_until(lambda: all((hold / f"held-{r}").exists() for r in (0, 1)), 120, f"both ranks past step {HOLD_AT}")
+    def newest_commit() -> int:
+        return max((e["step"] for e in faulted.events("ckpt.committed")), default=0)
+
+    committed = wait_until(lambda: newest_commit() >= 4 and newest_commit(), 60, "a commit of step 4 or later")
     victim = worker_pids(faulted, VICTIM)[0]
     os.kill(victim, signal.SIGKILL)
+    (hold / "release").touch()  # the survivor goes on, meets the dead peer in its next collective
     assert faulted.wait(120) == 0, faulted.output()
 
     exits = [e for e in faulted.events("worker.exit") if e["signal"] == signal.SIGKILL]

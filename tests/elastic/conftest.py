@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from resilient import env
+from resilient import env, events
 
 @pytest.fixture
 def shm_dir(monkeypatch):
@@ -27,3 +27,12 @@ def local_runtime(shm_dir):
     runtime = LocalRuntime(mode="single")
     yield runtime
     runtime.close()
+
+
+@pytest.fixture
+def event_log(tmp_path):
+    """This process's events go to a file for the test; the fixture reads them back: ``kind -> [events]``."""
+    path = str(tmp_path / "events.jsonl")
+    events.open_log(path)
+    yield lambda kind: [e for e in events.read(path) if e["kind"] == kind]
+    events.open_log(None)

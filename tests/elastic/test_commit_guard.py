@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from resilient import events
 from resilient.elastic.context import Context
 from resilient.elastic.snapshots import SnapshotWriter
 from resilient.runtime.local import LocalRuntime
@@ -95,9 +94,7 @@ def test_the_owner_is_asked_before_the_newest_snapshot_is_overwritten(shm_dir):
         runtime.close()
 
 
-def test_the_final_snapshot_waits_for_its_commit_while_beating(tmp_path, shm_dir):
-    log = tmp_path / "events.jsonl"
-    events.open_log(str(log))
+def test_the_final_snapshot_waits_for_its_commit_while_beating(event_log, shm_dir):
     runtime = CommitsOnPoll()
     try:
         ctx, writer = _context(runtime, snapshot_every=0, seed=0, commit_wait_s=60.0)
@@ -114,15 +111,12 @@ def test_the_final_snapshot_waits_for_its_commit_while_beating(tmp_path, shm_dir
         ctx._finish()
         assert runtime.polls >= 5 and runtime.beats > beats
         assert {i.step for i in writer.segment.slots() if i.sealed} == {3}
-        assert not [e for e in events.read(str(log)) if e["kind"] == "snapshot.uncommitted"]
+        assert not event_log("snapshot.uncommitted")
     finally:
-        events.open_log(None)
         runtime.close()
 
 
-def test_a_final_snapshot_that_never_commits_is_reported_after_the_wait(tmp_path, shm_dir):
-    log = tmp_path / "events.jsonl"
-    events.open_log(str(log))
+def test_a_final_snapshot_that_never_commits_is_reported_after_the_wait(event_log, shm_dir):
     runtime = LaggingCommits()
     try:
         ctx, writer = _context(runtime, snapshot_every=0, seed=0, commit_wait_s=0.2)
@@ -130,10 +124,8 @@ def test_a_final_snapshot_that_never_commits_is_reported_after_the_wait(tmp_path
         for _ in ctx.steps(2):
             pass
         ctx._finish()
-        late = [e for e in events.read(str(log)) if e["kind"] == "snapshot.uncommitted"]
-        assert [e["step"] for e in late] == [2]
+        assert [e["step"] for e in event_log("snapshot.uncommitted")] == [2]
     finally:
-        events.open_log(None)
         runtime.close()
 
 

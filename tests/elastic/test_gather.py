@@ -14,6 +14,7 @@ import torch.distributed as dist
 from resilient.elastic.distributed import ARRIVED_KEY, _gather
 from resilient.errors import GenerationChangedError
 from resilient.runtime.api import WorkerAssignment
+from resilient.testing.etcd import wait_until
 
 
 @pytest.fixture
@@ -36,8 +37,10 @@ def test_every_rank_returns_once_all_arrived(stores):
 
     def rank(r: int) -> None:
         try:
-            time.sleep(0.05 * r)  # they arrive one after another
-            _gather(stores(4), assignment(r, world), timedelta(seconds=20), superseded=lambda: False)
+            store = stores(4)
+            # they arrive one after another: rank r once r others are there
+            wait_until(lambda: store.add(ARRIVED_KEY, 0) >= r, 20, f"{r} ranks before rank {r}")
+            _gather(store, assignment(r, world), timedelta(seconds=20), superseded=lambda: False)
             done.append(r)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -52,11 +55,16 @@ def test_every_rank_returns_once_all_arrived(stores):
 
 
 def test_a_superseded_generation_is_left_at_once_instead_of_waiting_for_a_rank_that_never_comes(stores):
-    announced = threading.Event()
-    threading.Timer(0.3, announced.set).start()  # the agent announces the next generation
+    looks = []
+
+    def superseded() -> bool:  # the agent announces the next generation while rank 0 waits
+        looks.append(1)
+        return len(looks) > 3
+
     began = time.monotonic()
     with pytest.raises(GenerationChangedError, match=r"generation 4 was superseded .*1 of 2 arrived"):
-        _gather(stores(4), assignment(0, 2), timedelta(seconds=300), superseded=announced.is_set)
+        _gather(stores(4), assignment(0, 2), timedelta(seconds=300), superseded=superseded)
+    assert len(looks) == 4, "it gave up at the first look after the announcement"
     assert time.monotonic() - began < 5.0  # not the 300 s group timeout
 
 

@@ -49,6 +49,12 @@ class Fence:
         self.kv.lease_revoke(self.lease)
 
 
+def state(rank: int, step: int, n: int = 50_000) -> torch.Tensor:
+    """The tensor rank ``rank`` seals at ``step`` (``n`` floats, a pure function of both)."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(n, generator=g)
+
+
 class Cluster:
     def __init__(self, kv, job: str, n: int, replicas: int, root: str, token: bytes = TOKEN, hosts=None) -> None:
         self.kv, self.keys, self.replicas, self.root, self.token = kv, JobKeys(job), replicas, root, token
@@ -104,6 +110,14 @@ class Cluster:
         finally:
             seg.close()
         mgr.on_sealed(rank, step, self.assignment.generation, nbytes)
+
+    def read(self, i: int, src) -> torch.Tensor:
+        """The tensor a worker on host ``i`` restores from the ``RestoreSource`` its agent planned."""
+        seg = Segment.open(src.segment, self.shm(i))
+        try:
+            return seg.read(step=src.step).tensors["w"]
+        finally:
+            seg.close()
 
     def kill(self, i: int) -> None:
         """The host dies: its agent stops, its shared memory is gone, its lease is revoked."""

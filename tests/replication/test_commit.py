@@ -93,14 +93,27 @@ from resilient.replication.ratelimit import TokenBucket  # noqa: E402
 
 def test_token_bucket_bounds_average_rate():
     b = TokenBucket(100.0, 50.0, now=0.0)
-    assert b.delay(0.0) == 0.0
-    b.charge(250, 0.0)  # 200 bytes of debt
-    assert b.delay(0.0) == 2.0
-    assert b.delay(1.0) == 1.0
-    assert b.delay(2.0) == 0.0
-    b.charge(100, 2.0)
-    assert b.delay(2.5) == 0.5
-    assert b.delay(100.0) == 0.0 and b.tokens == 50.0  # refill is capped at the burst
+    assert b.reserve(50, 0.0) == 0.0  # the burst goes at once
+    assert b.reserve(200, 0.0) == 2.0  # 200 bytes of debt
+    assert b.reserve(0, 1.0) == 1.0
+    assert b.reserve(0, 2.0) == 0.0
+    assert b.reserve(50, 2.0) == 0.5
+    assert b.reserve(0, 100.0) == 0.0 and b.tokens == 50.0  # refill is capped at the burst
+
+
+def test_pacer_sleeps_what_the_bucket_asks_and_shares_it_between_senders():
+    from resilient.replication.ratelimit import Pacer
+
+    now, slept = [0.0], []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    pace = Pacer(100.0, 0.0, clock=lambda: now[0], sleep=sleep)
+    pace(50)
+    pace(50)
+    assert slept == [0.5, 0.5] and now[0] == 1.0  # 100 bytes at 100 B/s: one second, whoever sends them
 
 
 def test_restore_world_change_takes_the_same_ranks_shard_when_held_here():

@@ -15,16 +15,11 @@ from resilient.errors import ReplicationError
 from resilient.etcd.api import Put
 from resilient.replication.commit import read_manifests
 from resilient.runtime.api import RestoreSource
-from resilient.store import Segment
 from resilient.testing.etcd import wait_until
+from tests.replication.conftest import state
 
 DURABLE_STEP = 1
 MEMORY_STEP = 2
-
-
-def state(rank: int, step: int, n: int = 20_000) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(n, generator=g)
 
 
 def publish_fault(self, generation, what, detail):
@@ -44,14 +39,6 @@ def durable_tier(c, i):
         return RestoreSource(step=DURABLE_STEP, generation=1, segment=seg.name, source_rank=rank, origin="durable",
                              world_size=assignment.world_size)
     return restore
-
-
-def read_source(c, i, src) -> torch.Tensor:
-    seg = Segment.open(src.segment, c.shm(i))
-    try:
-        return seg.read(step=src.step, verify=True).tensors["w"]
-    finally:
-        seg.close()
 
 
 def test_corrupt_copy_found_at_fetch_never_splits_the_ranks(make_cluster, event_log, monkeypatch):
@@ -101,4 +88,4 @@ def test_corrupt_copy_found_at_fetch_never_splits_the_ranks(make_cluster, event_
     assert {s.step for s in sources.values()} == {DURABLE_STEP}  # never a mix
     assert {s.origin for s in sources.values()} == {"durable"}
     for rank, src in sources.items():
-        assert torch.equal(read_source(c, rank, src), state(rank, DURABLE_STEP))
+        assert torch.equal(c.read(rank, src), state(rank, DURABLE_STEP))

@@ -58,6 +58,17 @@ def seal_sliced(c, i: int, rank: int, world: int, step: int, full: cap.Captured)
     return info.nbytes
 
 
+def commit_sliced(c, world: int, step: int) -> cap.Captured:
+    """Generation 1 of hosts ``0..world-1``: each rank seals its slice of one state at ``step``; committed.
+    Returns the whole state the slices are cut from."""
+    full = full_state(step)
+    c.form(1, list(range(world)))
+    for k in range(world):
+        seal_sliced(c, k, k, world, step, full)
+    c.wait_committed(step, list(range(world)))
+    return full
+
+
 def restored(c, i: int, src, monkeypatch) -> dict[str, torch.Tensor]:
     monkeypatch.setenv("RESILIENT_SHM_DIR", c.shm(i))
     return load_snapshot(src).tensors
@@ -88,12 +99,8 @@ def test_each_rank_holds_a_1_over_n_slice(make_cluster):
 
 
 def test_restore_after_host_loss_reassembles_from_peer_slices_bitwise(make_cluster, monkeypatch):
-    full = full_state(5)
     c = make_cluster(3, replicas=2)
-    c.form(1, [0, 1, 2])
-    for k in range(3):
-        seal_sliced(c, k, k, 3, 5, full)
-    c.wait_committed(5, [0, 1, 2])
+    full = commit_sliced(c, 3, 5)
     for k in range(3):
         seg = c.mgrs[k].local.get(k, True)
         marker = marker_at(seg, 5, 1)
@@ -111,12 +118,8 @@ def test_restore_after_host_loss_reassembles_from_peer_slices_bitwise(make_clust
 
 
 def test_restore_into_a_smaller_world_reassembles_from_the_old_slices(make_cluster, monkeypatch):
-    full = full_state(4)
     c = make_cluster(3, replicas=2)
-    c.form(1, [0, 1, 2])
-    for k in range(3):
-        seal_sliced(c, k, k, 3, 4, full)
-    c.wait_committed(4, [0, 1, 2])
+    full = commit_sliced(c, 3, 4)
     c.kill(1)
     a = c.form(2, [0, 2])  # world 3 -> 2; the step was cut into 3 slices
     for rank, i in ((0, 0), (1, 2)):
@@ -127,12 +130,8 @@ def test_restore_into_a_smaller_world_reassembles_from_the_old_slices(make_clust
 
 
 def test_restore_into_a_larger_world(make_cluster, monkeypatch):
-    full = full_state(2)
     c = make_cluster(3, replicas=2)
-    c.form(1, [0, 1])
-    for k in range(2):
-        seal_sliced(c, k, k, 2, 2, full)
-    c.wait_committed(2, [0, 1])
+    full = commit_sliced(c, 2, 2)
     a = c.form(2, [0, 1, 2])  # world 2 -> 3: the newcomer pulls both slices
     src = c.mgrs[2].prepare_restore(2, a)
     assert src.world_size == 2 and len(src.slices) == 2
@@ -140,12 +139,8 @@ def test_restore_into_a_larger_world(make_cluster, monkeypatch):
 
 
 def test_a_slice_with_no_copy_left_is_not_restored_from_memory(make_cluster):
-    full = full_state(1)
     c = make_cluster(3, replicas=1)  # one copy each: losing a host loses its slice
-    c.form(1, [0, 1, 2])
-    for k in range(3):
-        seal_sliced(c, k, k, 3, 1, full)
-    c.wait_committed(1, [0, 1, 2])
+    full = commit_sliced(c, 3, 1)
     c.kill(2)
     a = c.form(2, [0, 1])  # another world size: a whole snapshot would restore from any shard
     with pytest.raises(ReplicationError, match="no surviving copy"):
@@ -153,12 +148,8 @@ def test_a_slice_with_no_copy_left_is_not_restored_from_memory(make_cluster):
 
 
 def test_missing_slices_are_refused_by_the_worker(make_cluster, monkeypatch):
-    full = full_state(1)
     c = make_cluster(2, replicas=2)
-    c.form(1, [0, 1])
-    for k in range(2):
-        seal_sliced(c, k, k, 2, 1, full)
-    c.wait_committed(1, [0, 1])
+    full = commit_sliced(c, 2, 1)
     src = c.mgrs[0].prepare_restore(0, c.form(2, [0, 1]))
     monkeypatch.setenv("RESILIENT_SHM_DIR", c.shm(0))
     import dataclasses

@@ -16,14 +16,10 @@ from resilient._proto import peer_pb2 as pb
 from resilient.errors import ConfigError
 from resilient.replication.peer_service import (
     DEFAULT_TLS_NAME,
-    PeerAuthority,
-    PeerClient,
     PeerRefused,
-    PeerServicer,
     PeerTLS,
-    start_server,
 )
-from tests.replication.test_peer_service import TOKEN, Handler, ref
+from tests.replication.test_peer_service import TOKEN, peer_server, ref
 
 
 def _pem_key(key) -> bytes:
@@ -62,21 +58,8 @@ def ca():
 
 @pytest.fixture
 def tls_server(ca):
-    handler = Handler()
-    server, address = start_server(PeerServicer(handler, PeerAuthority("job", "b", TOKEN)), "127.0.0.1:0", 64 * 1024,
-                                   tls=issue(ca, "b"))
-    clients = []
-
-    def client(tls, token=TOKEN):
-        c = PeerClient(PeerAuthority("job", "a", token), lambda: handler.generation, timeout=5.0,
-                       max_message_bytes=1 << 20, tls=tls)
-        clients.append(c)
-        return c
-
-    yield handler, address, client
-    for c in clients:
-        c.close()
-    server.stop(None)
+    with peer_server(tls=issue(ca, "b")) as (handler, address, client):
+        yield handler, address, lambda tls, token=TOKEN: client(token=token, tls=tls)
 
 
 def test_peer_with_a_certificate_of_the_job_ca_is_served(tls_server, ca):

@@ -4,6 +4,8 @@ server keeps serving afterwards."""
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 import pytest
 
@@ -14,6 +16,7 @@ from resilient.replication.peer_service import (
     PeerHandler,
     PeerRefused,
     PeerServicer,
+    PeerTLS,
     start_server,
 )
 
@@ -48,19 +51,31 @@ class Handler(PeerHandler):
 
 @pytest.fixture
 def served():
+    with peer_server() as serving:
+        yield serving
+
+
+@contextlib.contextmanager
+def peer_server(tls: PeerTLS | None = None):
+    """Node b's peer service of job "job" on a real port (with ``tls``: mutual TLS), its handler, and a
+    factory of clients for it; the clients and the server are closed afterwards."""
     handler = Handler()
-    server, address = start_server(PeerServicer(handler, PeerAuthority("job", "b", TOKEN)), "127.0.0.1:0", 64 * 1024)
+    server, address = start_server(PeerServicer(handler, PeerAuthority("job", "b", TOKEN)), "127.0.0.1:0", 64 * 1024,
+                                   tls=tls)
     clients = []
 
-    def client(node="a", token=TOKEN, job="job", gen=lambda: handler.generation):
-        c = PeerClient(PeerAuthority(job, node, token), gen, timeout=5.0, max_message_bytes=1 << 20)
+    def client(node="a", token=TOKEN, job="job", gen=None, tls=None):
+        c = PeerClient(PeerAuthority(job, node, token), gen or (lambda: handler.generation), timeout=5.0,
+                       max_message_bytes=1 << 20, tls=tls)
         clients.append(c)
         return c
 
-    yield handler, address, client
-    for c in clients:
-        c.close()
-    server.stop(None)
+    try:
+        yield handler, address, client
+    finally:
+        for c in clients:
+            c.close()
+        server.stop(None)
 
 
 def ref(rank=0, step=3, nbytes=10, ws=2):

@@ -17,19 +17,9 @@ from resilient.replication.peer_service import PeerAuthority, PeerClient, PeerRe
 from resilient.store import Segment
 from resilient.store.transport import send_slot
 from resilient.testing.etcd import wait_until
+from tests.replication.conftest import state
 
 
-def state(rank: int, step: int, n: int = 50_000) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(n, generator=g)
-
-
-def read_source(cluster, i, src) -> torch.Tensor:
-    seg = Segment.open(src.segment, cluster.shm(i))
-    try:
-        return seg.read(step=src.step).tensors["w"]
-    finally:
-        seg.close()
 
 
 def commit_step(c, members, step):
@@ -86,7 +76,7 @@ def test_restore_from_peer_is_bit_exact_after_local_loss(make_cluster, event_log
         src = c.mgrs[rank].prepare_restore(rank, a)
         assert src.step == 7 and src.source_rank == rank and src.world_size == 3
         assert src.origin == ("local" if rank else f"peer:{read_manifests(c.kv, c.keys, 1, 7)[0].holders[1]}")
-        assert torch.equal(read_source(c, rank, src), state(rank, 7))
+        assert torch.equal(c.read(rank, src), state(rank, 7))
     plans = [e for e in events.read(event_log) if e["kind"] == "restore.plan"]
     assert len(plans) == 3
 
@@ -106,7 +96,7 @@ def test_corrupt_replica_is_skipped_reported_and_other_copy_used(make_cluster, e
     a = c.form(2, [0, 1, 2])
     src = c.mgrs[0].prepare_restore(0, a)
     assert src.origin == f"peer:{holders[2]}"
-    assert torch.equal(read_source(c, 0, src), state(0, 3))
+    assert torch.equal(c.read(0, src), state(0, 3))
     failed = [e for e in events.read(event_log) if e["kind"] == "ckpt.verify_failed"]
     assert failed and failed[0]["holder"] == first_peer and failed[0]["rank"] == 0 and failed[0]["step"] == 3
 
@@ -124,7 +114,7 @@ def test_host_lost_during_replication_uses_previous_commit_never_a_mix(make_clus
     for rank in range(2):
         src = c.mgrs[rank].prepare_restore(rank, a)
         assert src.step == 10 and src.world_size == 3
-        assert torch.equal(read_source(c, rank, src), state(src.source_rank, 10))
+        assert torch.equal(c.read(rank, src), state(src.source_rank, 10))
     # work of the old generation can no longer commit: fenced
     c.seal(0, 0, 30, state(0, 30))
     c.wait_idle([0, 1])
@@ -141,7 +131,7 @@ def test_world_shrink_restores_any_rank_shard(make_cluster):
     # rank 1's shard when n2 holds a replica of it (origin: the node that sent it), else n2's own one
     assert src.world_size == 3
     assert (src.source_rank, src.origin) in ((1, "peer:n1"), (2, "local"))
-    assert torch.equal(read_source(c, 2, src), state(src.source_rank, 4))
+    assert torch.equal(c.read(2, src), state(src.source_rank, 4))
 
 
 def test_single_host_keeps_one_copy_and_commits(make_cluster):

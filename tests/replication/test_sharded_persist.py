@@ -15,7 +15,8 @@ from resilient.replication.commit import read_commit
 from resilient.replication.durable import ShardedPersist
 from resilient.testing.etcd import wait_until
 
-from tests.replication.test_replication_real import commit_step, read_source, state
+from tests.replication.conftest import state
+from tests.replication.test_replication_real import commit_step
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_no_surviving_copy_restores_every_rank_from_disk(make_cluster, persisted
         for k, i in enumerate([2, 3]):
             src = c.mgrs[i].prepare_restore(k, a)
             assert (src.origin, src.step, src.source_rank) == ("durable", 6, k)
-            assert torch.equal(read_source(c, i, src), state(k, 6))
+            assert torch.equal(c.read(i, src), state(k, 6))
         assert {e["origin"] for e in kinds(event_log) if e["kind"] == "restore.plan"} == {"durable"}
     finally:
         for p in fresh:
@@ -143,7 +144,7 @@ def test_corrupt_held_replica_after_shrink_falls_back_to_another_shard(make_clus
     a = c.form(2, [1])
     src = c.mgrs[1].prepare_restore(0, a)
     assert (src.source_rank, src.origin, src.step) == (1, "local", 5)
-    assert torch.equal(read_source(c, 1, src), state(1, 5))
+    assert torch.equal(c.read(1, src), state(1, 5))
     failed = [e for e in kinds(event_log) if e["kind"] == "ckpt.verify_failed"]
     assert failed and failed[0]["rank"] == 0 and failed[0]["holder"] == "n1"
 
@@ -156,4 +157,4 @@ def test_surviving_replica_of_the_lost_rank_is_its_restore_source(make_cluster, 
     a = c.form(2, [1])
     src = c.mgrs[1].prepare_restore(0, a)
     assert (src.source_rank, src.origin, src.step) == (0, "peer:n0", 5)
-    assert torch.equal(read_source(c, 1, src), state(0, 5))
+    assert torch.equal(c.read(1, src), state(0, 5))

@@ -9,29 +9,18 @@ import torch
 
 from resilient import events
 from resilient.replication.commit import read_manifests
-from resilient.store import Segment
+from tests.replication.conftest import state
 
 N = 300_000  # floats: a 1.2 MB shard, cut into 64 KiB-aligned stripes
 
 
-def state(rank: int, step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(N, generator=g)
-
-
-def read_source(c, i, src) -> torch.Tensor:
-    seg = Segment.open(src.segment, c.shm(i))
-    try:
-        return seg.read(step=src.step).tensors["w"]
-    finally:
-        seg.close()
 
 
 def four_hosts_all_holding(make_cluster, step: int):
     c = make_cluster(4, replicas=4)  # every shard on every host: losing one leaves three holders
     c.form(1, [0, 1, 2, 3])
     for k in range(4):
-        c.seal(k, k, step, state(k, step))
+        c.seal(k, k, step, state(k, step, N))
     c.wait_committed(step, [0, 1, 2, 3])
     c.kill(0)
     c.add_node(0, "host0")
@@ -47,7 +36,7 @@ def test_shard_is_pulled_in_stripes_from_three_holders_bit_exact(make_cluster, e
     src = c.mgrs[0].prepare_restore(0, a)
     assert src.step == 6 and src.source_rank == 0
     assert src.origin == "peer:" + "+".join(sorted(holders))
-    assert torch.equal(read_source(c, 0, src), state(0, 6))
+    assert torch.equal(c.read(0, src), state(0, 6, N))
     shard = N * 4
     for i in (1, 2, 3):  # each holder sent about a third of the shard, none the whole of it
         sent = c.mgrs[i].stats.sent_bytes - sent_before[i]
@@ -63,7 +52,7 @@ def test_a_corrupt_holder_is_reported_and_its_stripe_comes_from_another(make_clu
     buf[1000] ^= 0xFF
     buf.release()
     src = c.mgrs[0].prepare_restore(0, a)
-    assert torch.equal(read_source(c, 0, src), state(0, 3))
+    assert torch.equal(c.read(0, src), state(0, 3, N))
     assert "n2" not in src.origin
     failed = [e for e in events.read(event_log) if e["kind"] == "ckpt.verify_failed"]
     assert failed and failed[0]["holder"] == "n2" and failed[0]["rank"] == 0
@@ -74,21 +63,21 @@ def test_whole_pull_when_striping_is_off(make_cluster):
     c.mgrs[0].stripe_min_bytes = 1 << 40
     src = c.mgrs[0].prepare_restore(0, a)
     assert src.origin.count("+") == 0 and src.origin.startswith("peer:n")
-    assert torch.equal(read_source(c, 0, src), state(0, 2))
+    assert torch.equal(c.read(0, src), state(0, 2, N))
 
 
 def test_a_rate_limited_holder_paces_inside_the_transfer(make_cluster):
     import time
 
-    from resilient.replication.ratelimit import TokenBucket
+    from resilient.replication.ratelimit import Pacer
 
     c, a = four_hosts_all_holding(make_cluster, 4)
     c.mgrs[0].stripe_min_bytes = 1 << 40  # one holder sends the whole shard
     rate = 4 << 20
     for i in (1, 2, 3):
-        c.mgrs[i]._bucket = TokenBucket(rate, 0, time.monotonic())  # as --replication-rate 4 MiB/s, no burst
+        c.mgrs[i]._pace = Pacer(rate, 0)  # as --replication-rate 4 MiB/s, no burst
     began = time.monotonic()
     src = c.mgrs[0].prepare_restore(0, a)
     elapsed = time.monotonic() - began
-    assert torch.equal(read_source(c, 0, src), state(0, 4))
+    assert torch.equal(c.read(0, src), state(0, 4, N))
     assert elapsed >= 0.95 * (N * 4) / rate, elapsed

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from resilient.errors import TransportError
-from resilient.replication.ratelimit import TokenBucket
+from resilient.replication.ratelimit import Pacer, TokenBucket
 from resilient.replication.restore import stripes
 from resilient.store import Segment
 from resilient.store.transport import BulkReceiver, send_slot
@@ -139,14 +139,12 @@ def test_a_paced_send_takes_at_least_n_over_r(holders):
     src = segs[0]
     nbytes = src.latest().nbytes
     rate = 8 << 20  # 8 MiB/s: the ~1.5 MB slot takes >= ~0.18 s
-    bucket = TokenBucket(rate, 0, time.monotonic())
+    pacer = Pacer(rate, 0)  # what the shard manager passes
     calls = []
 
     def pace(n: int) -> None:
         calls.append(n)
-        wait = bucket.reserve(n, time.monotonic())
-        if wait > 0:
-            time.sleep(wait)
+        pacer(n)
 
     with BulkReceiver("127.0.0.1", 0, TOKEN, resolver(dst)) as rx:
         began = time.monotonic()

@@ -9,7 +9,6 @@ it joins the process group (its peers are already waiting there).
 
 import argparse
 import os
-import sys
 import time
 
 import torch

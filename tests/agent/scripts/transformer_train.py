@@ -6,23 +6,27 @@ from a protected ``resilient.data.ElasticSampler``. One thread and ``torch.use_d
 so a run is bitwise reproducible. Every rank ends with ``train.done`` (state hash over model and optimizer),
 emitted by ``@resilient.elastic``.
 
-Args: --steps N --step-sleep-ms MS (pacing, so a kill lands mid-run).
+Args: --steps N; --hold-at-step K --hold-dir DIR: a rank of the first incarnation (nothing restored)
+that finished step K writes ``DIR/held-<rank>`` and waits for ``DIR/release``, so a test can kill a worker
+at a known point mid-run.
 """
 
 import argparse
-import time
+import os
 
 import torch
 from torch import nn
 
 import resilient
 from resilient.data import ElasticSampler
+from resilient.testing.etcd import wait_until
 
 VOCAB, SEQ, DIM, HEADS, LAYERS, SAMPLES, GLOBAL_BATCH = 32, 16, 64, 4, 2, 256, 16
 
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=30)
-p.add_argument("--step-sleep-ms", type=float, default=0.0)
+p.add_argument("--hold-at-step", type=int, default=-1)
+p.add_argument("--hold-dir", default=None)
 args = p.parse_args()
 
 torch.set_num_threads(1)
@@ -70,8 +74,13 @@ def train(ctx: resilient.Context) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if args.step_sleep_ms:
-            time.sleep(args.step_sleep_ms / 1000.0)
+        if step == args.hold_at_step and ctx.restored_step is None:
+            hold(ctx.rank)
+
+
+def hold(rank: int) -> None:
+    open(os.path.join(args.hold_dir, f"held-{rank}"), "w").close()
+    wait_until(lambda: os.path.exists(os.path.join(args.hold_dir, "release")), 120, "the test's release file")
 
 
 if __name__ == "__main__":

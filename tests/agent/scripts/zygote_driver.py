@@ -11,9 +11,9 @@ close it unused. Writes ``OUT_DIR/driver.json`` with the pids, the exit code rea
 import json
 import os
 import sys
-import time
 
 from resilient.agent.zygote import ZygoteClient, anon_bytes_of, launch_request
+from resilient.testing.etcd import wait_until
 
 WARM = 600 << 20
 out, mode = sys.argv[1], sys.argv[2]
@@ -36,10 +36,8 @@ else:
         json.dump(result, open(os.path.join(out, "driver.json"), "w"))
         sys.exit(0)
     sb.warm(WARM)
-    deadline = time.monotonic() + 60
-    while anon_bytes_of(sb.pid) < WARM and time.monotonic() < deadline:
-        time.sleep(0.05)
-    result["warm_anon"] = anon_bytes_of(sb.pid)
+    result["warm_anon"] = wait_until(lambda: (held := anon_bytes_of(sb.pid)) >= WARM and held, 60,
+                                     "the standby's heap to reach 600 MB")
     pid = sb.activate(request)
 result["pid"] = pid
 _, status = os.waitpid(pid, 0)  # a child of this process (re-parented), like the agent's workers
