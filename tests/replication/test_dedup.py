@@ -140,7 +140,7 @@ def test_restore_into_a_larger_world(make_cluster, monkeypatch):
 
 def test_a_slice_with_no_copy_left_is_not_restored_from_memory(make_cluster):
     c = make_cluster(3, replicas=1)  # one copy each: losing a host loses its slice
-    full = commit_sliced(c, 3, 1)
+    commit_sliced(c, 3, 1)
     c.kill(2)
     a = c.form(2, [0, 1])  # another world size: a whole snapshot would restore from any shard
     with pytest.raises(ReplicationError, match="no surviving copy"):
@@ -149,7 +149,7 @@ def test_a_slice_with_no_copy_left_is_not_restored_from_memory(make_cluster):
 
 def test_missing_slices_are_refused_by_the_worker(make_cluster, monkeypatch):
     c = make_cluster(2, replicas=2)
-    full = commit_sliced(c, 2, 1)
+    commit_sliced(c, 2, 1)
     src = c.mgrs[0].prepare_restore(0, c.form(2, [0, 1]))
     monkeypatch.setenv("RESILIENT_SHM_DIR", c.shm(0))
     import dataclasses
