@@ -375,6 +375,11 @@ class NodeAgent:
 
         return cb
 
+    def _round_pending(self, generation: int) -> bool:
+        """Whether ``generation`` (or a later one) was seen ending and the loop has not taken that up yet."""
+        with self._round_lock:
+            return self._round is not None and self._round.generation >= generation
+
     def _take_round(self) -> _Round | None:
         with self._round_lock:
             rnd, self._round = self._round, None
@@ -435,11 +440,18 @@ class NodeAgent:
             raise RendezvousError(f"generation {a.generation} does not include node {self.s.node_id}")
         self.assignment = a
         logs.set_identity(gen=a.generation)
+        # watched from here on: a generation that ends while this node sets it up (its master gone before
+        # publishing its store, say) is left at once rather than waited on
+        self.rdzv.watch(self._watch_cb(a.generation))
         if entry.group_rank == 0:
             env_port = self.store.host_generation(a.generation)
         else:
             self.store.drop_generation()
-            env_port = generation_env_port(a.master_addr, a.master_port, a.generation, self.s.timeouts.join_timeout)
+            env_port = generation_env_port(a.master_addr, a.master_port, a.generation, self.s.timeouts.join_timeout,
+                                           ended=lambda: self._round_pending(a.generation))
+            if env_port is None:
+                log.info("generation %d ended before its master's store could be read; moving on", a.generation)
+                return
         if prev is not None:
             self.restart_count += 1
         wa = {
@@ -474,7 +486,6 @@ class NodeAgent:
             self._spawn(slot, w, env_port)
         for slot in [s for s in self.handles if s not in wa]:
             self.supervisor.stop([self.handles.pop(slot)], self.s.timeouts.term_grace)
-        self.rdzv.watch(self._watch_cb(a.generation))
         t_done = time.monotonic()
         self.metrics.generation.set(a.generation)
         self.metrics.world_size.set(a.world_size)

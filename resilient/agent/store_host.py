@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
+from typing import Callable
 
 from resilient.errors import RendezvousError
 from resilient.logs import get_logger
@@ -76,16 +78,49 @@ class StoreHost:
         self._node = None
 
 
-def generation_env_port(master_addr: str, master_port: int, generation: int, timeout: float) -> int:
-    """Read the generation store's port from the master's node store (waits until published)."""
+def generation_env_port(
+    master_addr: str,
+    master_port: int,
+    generation: int,
+    timeout: float,
+    *,
+    ended: Callable[[], bool] = lambda: False,
+    poll: float = 0.25,
+) -> int | None:
+    """Read the generation store's port from the master's node store, waiting until it is published.
+
+    Returns None as soon as ``ended()`` says the generation is over: its master may have died before
+    publishing, and the next generation must not wait for it. A master not (yet) listening is retried
+    every ``poll`` seconds; RendezvousError after ``timeout``."""
     import torch.distributed as dist
 
-    try:
-        client = dist.TCPStore(master_addr, master_port, is_master=False,
-                               timeout=datetime.timedelta(seconds=timeout))
-        return int(client.get(env_port_key(generation)))
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise RendezvousError(
-            f"could not read the worker TCPStore port of generation {generation} from the master's store at "
-            f"{master_addr}:{master_port} within {timeout:g}s: {exc}. Is that node's agent alive and reachable?"
-        ) from exc
+    key = env_port_key(generation)
+    deadline = time.monotonic() + timeout
+    client = None
+    last: Exception | None = None
+    while not ended():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RendezvousError(
+                f"could not read the worker TCPStore port of generation {generation} from the master's store at "
+                f"{master_addr}:{master_port} within {timeout:g}s: {last or 'not published'}. Is that node's agent "
+                "alive and reachable?"
+            )
+        step = min(poll, left)
+        try:
+            if client is None:
+                # probe first: a master that is gone refuses at once, where c10d would retry (and log) for long
+                socket.create_connection((master_addr, master_port), timeout=step).close()
+                client = dist.TCPStore(master_addr, master_port, is_master=False,
+                                       timeout=datetime.timedelta(seconds=left))
+            client.wait([key], datetime.timedelta(seconds=step))
+            return int(client.get(key))
+        except ValueError as exc:
+            raise RendezvousError(f"the master's store at {master_addr}:{master_port} holds a malformed port for "
+                                  f"generation {generation}: {exc}") from exc
+        except (OSError, RuntimeError) as exc:  # not listening, gone, or not published within this poll
+            last = exc
+            if isinstance(exc, OSError) or "timeout" not in str(exc):
+                client = None
+                time.sleep(min(step, max(0.0, deadline - time.monotonic())))
+    return None

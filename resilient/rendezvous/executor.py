@@ -5,7 +5,10 @@ does a few etcd operations and says when it next needs to run) so the blocking `
 the property-based tests drive the same code. The protocol keeps every round O(n):
 
 1. announce -- one transaction: put ``waiting/<me>`` (and ``nodes/<me>`` for a fresh lease), bound to the
-   node's lease; claim ``closer`` if nobody holds it; read ``rdzv`` and ``closed``;
+   node's lease, and read ``rdzv``, ``closed`` and ``closer``; the put applies only while the newest
+   generation is the one the node knows (its last, or what it read before) -- a newer one is read instead,
+   and joined if it holds the node; whoever finds nobody closing rounds claims ``closer`` in a second
+   transaction;
 2. a follower then only watches ``gen/`` (its assignment arrives in the event), ``closer`` (to take over
    if the closer vanishes) and ``closed``;
 3. the closer reads the round once (nodes, waiting, last assignment), follows ``waiting/`` and ``nodes/``
@@ -105,6 +108,7 @@ class JoinAttempt:
         wall: Callable[[], float] = time.time,
         notify: Callable[[], None] = lambda: None,
         guard_limit: int = GUARD_LIMIT,
+        last: Joined | None = None,
     ) -> None:
         self.kv = kv
         self.keys = keys
@@ -118,9 +122,11 @@ class JoinAttempt:
         self._events: deque[WatchEvent] = deque()
         self._watches: list[WatchHandle] = []
         self._phase = "announce"
-        self._known_gen = 0
-        self._formed_rev = 0
-        self._announced = False  # announced once in this attempt (a later announce is a re-announce)
+        # the newest generation this attempt knows of (and the revision it formed at); ``_known`` is False
+        # until the job's state was read or handed in (``last``: the generation this node joined last)
+        self._known = last is not None
+        self._known_gen = last.assignment.generation if last is not None else 0
+        self._formed_rev = last.formed_rev if last is not None else 0
         self._previous: Assignment | None = None
         self._round: ClosingRound | None = None
         self._lease = 0
@@ -183,51 +189,74 @@ class JoinAttempt:
                 return outcome
         return Pending(now)
 
-    def _announce(self, now: float) -> None:
+    def _announce(self, now: float) -> Joined | None:
+        """Ask into the generation after the newest one known. The waiting record is written only while no
+        newer generation formed (guarded by ``rdzv``): a record written after a generation that already holds
+        this node would read, to its members, as this node asking in again, and end that generation (and a
+        later one could form on the stale record before the node looks). Instead a newer generation is read:
+        joined if it holds this node, else the node asks into the one after it."""
         self._unwatch()
         lease = self.membership.ensure()
         self._lease = lease
+        k = self.keys
         me = self.node.node_id
         value = self.node.to_json()
-        puts: list[Op] = [Put(self.keys.waiting(me), value, lease)]
+        puts: list[Op] = [Put(k.waiting(me), value, lease)]
         if not self.membership.announced:
-            puts.append(Put(self.keys.node(me), value, lease))
-        reads: list[Op] = [Get(self.keys.rdzv), Get(self.keys.closed), Get(self.keys.closer)]
+            puts.append(Put(k.node(me), value, lease))
+        reads: list[Op] = [Get(k.rdzv), Get(k.closed), Get(k.closer)]
+        unchanged: list[Compare] = []
+        if self._known:
+            unchanged = [Compare(k.rdzv, "mod", "==", self._formed_rev) if self._formed_rev
+                         else Compare(k.rdzv, "version", "==", 0)]
+        claimed = False
         try:
-            self.requests += 1
-            r = self.kv.txn(
-                [Compare(self.keys.closer, "version", "==", 0)],
-                puts + [Put(self.keys.closer, me.encode(), lease)] + reads,
-                puts + reads,
-            )
+            self.requests += 1  # the usual case: somebody closes rounds already
+            r = self.kv.txn(unchanged + [Compare(k.closer, "version", ">", 0)], puts + reads, reads)
+            if not r.succeeded and not r.responses[-1] and not self._moved(r):
+                self.requests += 1  # nobody closes rounds: claim the role with the announcement
+                r = self.kv.txn(unchanged + [Compare(k.closer, "version", "==", 0)],
+                                puts + [Put(k.closer, me.encode(), lease)] + reads, reads)
+                claimed = r.succeeded
         except EtcdIndeterminateError as exc:
             log.info("announce may not have been applied (%s); announcing again", exc)
             return None
-        self.membership.mark_announced(lease)
         got = r.responses[-3:]
         if got[1]:
-            raise closed_error(self.keys, got[1][0].value)
-        gen, formed_rev = _rdzv_state(got[0])
-        follow_from = r.revision
-        if self._announced and gen > self._known_gen:
-            # Announcing again (the closer left): a generation formed meanwhile may hold this node through
-            # its first announcement's waiting record. Replay it in ``_follow`` (watch from the revision it
-            # formed at) instead of taking it as known, which would skip it and wait for a round that never
-            # comes (seen in a chaos run: two agents each waiting for the other).
-            follow_from = formed_rev - 1  # watches deliver changes after the revision given
-        else:
-            self._known_gen, self._formed_rev = gen, formed_rev
-        self._announced = True
+            raise closed_error(k, got[1][0].value)
+        if not r.succeeded:
+            # a newer generation formed, or the closer came or went between the two transactions
+            return self._newer(r) if self._moved(r) else None
+        self.membership.mark_announced(lease)
+        self._known = True
+        self._known_gen, self._formed_rev = _rdzv_state(got[0])
         closer = got[2]
-        if r.succeeded or (closer and closer[0].value == me.encode() and closer[0].lease == lease):
-            if r.succeeded:
-                log.info("closing rendezvous rounds for job %s", self.keys.job)
+        if claimed or (closer and closer[0].value == me.encode() and closer[0].lease == lease):
+            if claimed:
+                log.info("closing rendezvous rounds for job %s", k.job)
             self._phase = "closer_init"
             return None
-        self._watch(self.keys.gen_prefix, follow_from)
-        self._watch(self.keys.closer, r.revision)
-        self._watch(self.keys.closed, r.revision)
+        self._watch(k.gen_prefix, r.revision)
+        self._watch(k.closer, r.revision)
+        self._watch(k.closed, r.revision)
         self._phase = "follow"
+        return None
+
+    def _moved(self, r: TxnResult) -> bool:
+        """Whether the ``rdzv`` read at the end of an announce shows a generation newer than the known one."""
+        return self._known and _rdzv_state(r.responses[-3])[1] != self._formed_rev
+
+    def _newer(self, r: TxnResult) -> Joined | None:
+        gen, formed_rev = _rdzv_state(r.responses[-3])
+        self.requests += 1
+        got = self.kv.get(self.keys.gen(gen))
+        if got is None:
+            raise RendezvousError(f"Job {self.keys.job!r}: rdzv names generation {gen} but {self.keys.gen(gen)} is missing.")
+        a = Assignment.from_json(got.value)
+        self._known_gen, self._formed_rev = gen, formed_rev
+        if a.entry(self.node.node_id) is not None:
+            return Joined(a, formed_rev)
+        log.info("generation %d formed without this node (%d nodes); asking into the next", gen, len(a.nodes))
         return None
 
     def _follow(self, now: float) -> Joined | Pending | None:
@@ -245,7 +274,7 @@ class JoinAttempt:
             a = Assignment.from_json(ev.value)
             if a.generation <= self._known_gen:
                 continue
-            self._known_gen = a.generation
+            self._known_gen, self._formed_rev = a.generation, ev.mod_revision
             if a.entry(self.node.node_id) is not None:
                 self._unwatch()
                 return Joined(a, ev.mod_revision)

@@ -77,8 +77,10 @@ class Rendezvous:
         self.membership.ensure()
         self.membership.start()
         wake = threading.Event()
+        with self._lock:
+            last = self._current
         attempt = JoinAttempt(
-            self.kv, self.keys, self.node, self.settings, self.membership, wall=self.wall, notify=wake.set
+            self.kv, self.keys, self.node, self.settings, self.membership, wall=self.wall, notify=wake.set, last=last
         )
         with self._lock:
             self._attempt = attempt

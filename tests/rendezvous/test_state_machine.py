@@ -6,6 +6,8 @@ leader changes (``FakeKV.leader_change`` + ``fail_next``, also indeterminate fai
 assignment per generation (gen/<g> never rewritten, every node that joined g holds that assignment),
 generations strictly increasing (1..G, rdzv at G, each node's joins increasing), no stale write accepted,
 and every node placed in a generation was alive (its node key present) when the generation closed.
+Liveness (the ``settle`` rule): once every node runs steadily, the job converges to one generation of
+min(nodes, MAX) members that nothing ends, within a few lease TTLs.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class RendezvousMachine(RuleBasedStateMachine):
         if nd.watch is not None:
             nd.watch.cancel()
             nd.watch = None
-        nd.attempt = JoinAttempt(self.kv, KEYS, nd.info, SETTINGS, nd.membership, wall=self.clock)
+        nd.attempt = JoinAttempt(self.kv, KEYS, nd.info, SETTINGS, nd.membership, wall=self.clock, last=nd.joined)
 
     def step(self, n: str) -> None:
         nd = self.nodes[n]
@@ -231,6 +233,25 @@ class RendezvousMachine(RuleBasedStateMachine):
     @rule()
     def indeterminate_txn(self) -> None:
         self.kv.fail_next(1, EtcdIndeterminateError("injected: leader changed mid-transaction"), after=True, ops=["txn"])
+
+    @rule()
+    def settle(self) -> None:
+        """Liveness: once every node runs steadily (none paused or gone, etcd healthy), the job converges
+        within a few lease TTLs: the newest generation holds min(nodes, MAX) of them, each member has
+        joined it and nothing ends it, the rest wait as spares."""
+        for nd in self.nodes.values():
+            nd.paused, nd.active = False, True
+        for _ in range(50):
+            self.tick(0.2, NODES)
+        newest = max(self.kv.gens)
+        a = Assignment.from_json(self.kv.gens[newest])
+        assert len(a.nodes) == min(len(NODES), SETTINGS.max_nodes), a.node_ids
+        for n in a.node_ids:
+            nd = self.nodes[n]
+            assert nd.joined is not None and nd.joined.assignment.generation == newest, (n, nd.history, newest)
+            assert nd.watch is not None and nd.watch.fired is None, (n, nd.watch.fired if nd.watch else None)
+        for n in set(NODES) - set(a.node_ids):
+            assert self.nodes[n].attempt is not None, f"spare {n} is not waiting"
 
     @invariant()
     def generations_are_contiguous_and_never_rewritten(self) -> None:

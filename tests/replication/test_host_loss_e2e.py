@@ -47,6 +47,8 @@ def hosts(tmp_path):
     yield start
     for run in started:
         run.kill()
+        # captured, so shown only when the test failed: every host's view, not just the one it waited on
+        print(f"==== host {run.log_path.stem}: last lines ====\n{run.log_path.read_text(errors='replace')[-3000:]}")
     shutil.rmtree(root, ignore_errors=True)
 
 
