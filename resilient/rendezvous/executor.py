@@ -251,7 +251,8 @@ class JoinAttempt:
         self.requests += 1
         got = self.kv.get(self.keys.gen(gen))
         if got is None:
-            raise RendezvousError(f"Job {self.keys.job!r}: rdzv names generation {gen} but {self.keys.gen(gen)} is missing.")
+            raise RendezvousError(
+                f"Job {self.keys.job!r}: rdzv names generation {gen} but {self.keys.gen(gen)} is missing.")
         a = Assignment.from_json(got.value)
         self._known_gen, self._formed_rev = gen, formed_rev
         if a.entry(self.node.node_id) is not None:

@@ -357,6 +357,7 @@ class ShardManager(PeerHandler):
         manifest = ShardManifest(
             rank=job.rank, step=job.step, generation=job.generation, world_size=assignment.world_size,
             nbytes=nbytes, checksum=digest, owner=self.node.node_id, holders=(self.node.node_id,),
+            sliced=slices_mod.marker_of(seg, slot) is not None,
         )
         self.executor.write_manifest(job.generation, manifest)
         failpoints.hit("repl.manifest.after_write", rank=job.rank, step=job.step)
@@ -563,7 +564,8 @@ class ShardManager(PeerHandler):
         held = {r for r in manifests if self.local.find(r, committed.step, committed.generation)}
         members = set(assignment.node_ids)
         listed = restore_mod.listed_here(held, manifests, self.node.node_id)
-        sliced = any(self._marker(r, committed.step, committed.generation) is not None for r in held)
+        # whether the step is sliced comes from etcd too (not from the copies held here, which a fresh host lacks)
+        sliced = any(m.sliced for m in manifests.values())
         lost = restore_mod.unrecoverable(committed, manifests, listed, members, assignment.world_size, need_all=sliced)
         if lost:
             # decided from etcd and the membership alone, so every agent decides the same: no step mix

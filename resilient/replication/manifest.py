@@ -27,6 +27,7 @@ class ShardManifest:
     owner: str  # node whose segment the shard was sealed in
     holders: tuple[str, ...] = ()  # nodes with a verified copy (owner first)
     sealed_at: float = field(default_factory=time.time)
+    sliced: bool = False  # a slice of a deduplicated step (resilient.elastic.dedup): restoring needs every rank's
 
     def with_holder(self, node_id: str) -> "ShardManifest":
         if node_id in self.holders:
@@ -52,6 +53,7 @@ class ShardManifest:
                 owner=str(d["owner"]),
                 holders=tuple(str(h) for h in d["holders"]),
                 sealed_at=float(d.get("sealed_at", 0.0)),
+                sliced=bool(d.get("sliced", False)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplicationError(f"Shard manifest {raw[:200]!r} is not valid JSON of a ShardManifest.") from exc

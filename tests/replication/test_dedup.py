@@ -147,6 +147,24 @@ def test_a_slice_with_no_copy_left_is_not_restored_from_memory(make_cluster):
         c.mgrs[0].prepare_restore(0, a)
 
 
+def test_a_fresh_host_knows_a_step_is_sliced_from_etcd_and_decides_like_the_others(make_cluster):
+    """The manifests say a step is sliced: a host holding no copy of it reaches the same verdict as one
+    that does (a lost slice: durable tier), without fetching a shard first only to find it cannot be
+    assembled, and without the fault that would void the step for everyone."""
+    c = make_cluster(3, replicas=1)  # one copy each: losing a host loses its slice
+    commit_sliced(c, 3, 1)
+    assert all(m.sliced for m in read_manifests(c.kv, c.keys, 1, 1).values())
+    c.kill(2)
+    c.add_node(3, "host3")  # fresh hosts hold nothing
+    c.add_node(4, "host4")
+    a = c.form(2, [0, 1, 3, 4])  # another world size: a whole snapshot would restore from any one shard
+    for i, rank in ((0, 0), (3, 2)):
+        with pytest.raises(ReplicationError, match=r"no surviving copy of the shards of ranks \[2\]"):
+            c.mgrs[i].prepare_restore(rank, a)
+    assert c.mgrs[3].stats.restored_bytes == 0
+    assert c.kv.get_prefix(c.keys.fault_prefix)[0] == []
+
+
 def test_missing_slices_are_refused_by_the_worker(make_cluster, monkeypatch):
     c = make_cluster(2, replicas=2)
     commit_sliced(c, 2, 1)
