@@ -13,8 +13,8 @@ with a transaction fenced by generation (``rendezvous.fenced_txn``) that also co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping
 
 from resilient import failpoints
 from resilient.etcd.api import Compare, KVStore, Put
@@ -102,12 +102,21 @@ class CommitExecutor:
         self.rendezvous = rendezvous
         self.attempts = attempts
 
-    def try_commit(self, generation: int, world_size: int, step: int, required: int, replicas: int) -> CommitDecision:
-        """Commit ``step`` if ``decide`` allows; raises FencedError when ``generation`` is stale."""
+    def try_commit(self, generation: int, world_size: int, step: int, required: int, replicas: int, *,
+                   node_id: str | None = None, holds: Callable[[int], bool] | None = None) -> CommitDecision:
+        """Commit ``step`` if ``decide`` allows; raises FencedError when ``generation`` is stale.
+
+        ``node_id``/``holds``: this node's claims as a holder count only for the ranks whose copy it still
+        ``holds`` (a worker may seal a newer snapshot over an uncommitted one after its manifest named this
+        node; committing on that claim would commit a step whose copy is gone)."""
         decision = CommitDecision(WAIT, "not tried")
         for _ in range(self.attempts):
             current, mod = read_commit(self.kv, self.keys)
             manifests = read_manifests(self.kv, self.keys, generation, step)
+            if node_id is not None and holds is not None:
+                manifests = {r: m if node_id not in m.holders or holds(r) else
+                             replace(m, holders=tuple(h for h in m.holders if h != node_id))
+                             for r, m in manifests.items()}
             decision = decide(generation, world_size, step, manifests, required, current)
             if decision.action != COMMIT:
                 return decision

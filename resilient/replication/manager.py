@@ -386,7 +386,9 @@ class ShardManager(PeerHandler):
         self._try_commit(job.generation, assignment.world_size, job.step, placement)
 
     def _try_commit(self, generation: int, world_size: int, step: int, placement: placement_mod.Placement) -> None:
-        decision = self.executor.try_commit(generation, world_size, step, placement.effective, placement.replicas)
+        decision = self.executor.try_commit(generation, world_size, step, placement.effective, placement.replicas,
+                                            node_id=self.node.node_id,
+                                            holds=lambda rank: bool(self.local.find(rank, step, generation)))
         if decision.action == COMMIT:
             record = CommitRecord(step, generation, world_size, placement.effective)
             with self._lock:

@@ -92,6 +92,14 @@ def launch(tmp_path):
     yield start
     for run in started:
         run.kill()
+    report(started)
+
+
+def report(runs: list[Launched]) -> None:
+    """Print the end of every run's log at teardown: pytest shows it only when the test failed, so a failure
+    shows every agent's view, not just the one the test was waiting on."""
+    for run in runs:
+        print(f"==== {run.log_path.stem}: last lines ====\n{run.log_path.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture(scope="module")

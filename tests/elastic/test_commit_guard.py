@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from resilient.elastic import capture as cap
 from resilient.elastic.context import Context
 from resilient.elastic.snapshots import SnapshotWriter
 from resilient.runtime.local import LocalRuntime
@@ -90,6 +91,25 @@ def test_the_owner_is_asked_before_the_newest_snapshot_is_overwritten(shm_dir):
         assert {i.step for i in writer.segment.slots() if i.sealed} == {2, 3}
         assert writer.cadence.stride == 1, "the commit was there: no thinning"
         steps.close()
+    finally:
+        runtime.close()
+
+
+def test_the_owner_is_asked_before_an_older_snapshot_committed_since_is_overwritten(shm_dir):
+    """The chaos scenario partition-host: the cheap view lagged (16), the segment held 17 (committed just
+    before, its only copy) and 18; the snapshot of 20 went to the slot not sealed last, over 17."""
+    runtime = CommitsOnPoll()
+    try:
+        writer = SnapshotWriter(runtime)
+        captured = cap.capture({"model": torch.nn.Linear(4, 2)})
+        writer.write(captured, step=1, generation=1)
+        writer.write(captured, step=2, generation=1)
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {1, 2}
+        runtime.released = 1  # step 1 commits; the cheap view still says nothing was
+        polls = runtime.polls
+        writer.write(captured, step=3, generation=1)
+        assert runtime.polls > polls
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {1, 3}
     finally:
         runtime.close()
 

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from tests.agent.conftest import ROOT, Launched
+from tests.agent.conftest import ROOT, Launched, report
 
 SCRIPT = str(ROOT / "chaos" / "train_chaos.py")
 STEPS = 36
@@ -47,8 +47,7 @@ def hosts(tmp_path):
     yield start
     for run in started:
         run.kill()
-        # captured, so shown only when the test failed: every host's view, not just the one it waited on
-        print(f"==== host {run.log_path.stem}: last lines ====\n{run.log_path.read_text(errors='replace')[-3000:]}")
+    report(started)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -71,3 +71,35 @@ def test_stall_after_the_commit_txn_leaves_etcd_committed_and_peers_advance(make
     c.wait_idle([0, 1])
     kinds = [e["kind"] for e in events.read(event_log)]
     assert kinds.count("ckpt.committed") == 1
+
+
+def test_a_step_overwritten_after_its_manifest_is_never_committed(make_cluster, event_log, armed):
+    """One host, one copy: the worker may seal a newer snapshot over an uncommitted one (the committed
+    copy is what it keeps). When that happens after the older step's manifest named this host, the
+    older step must not be committed on that stale claim (the chaos scenario partition-host did: the
+    commit of 12 landed 40 ms after 16 had been sealed over it, and the job lost its committed step)."""
+    from resilient.store import Segment
+    from resilient.testing.etcd import wait_until
+
+    c = make_cluster(1, replicas=1)
+    c.form(1, [0])
+    c.seal(0, 0, 1, state(0, 1))
+    c.wait_committed(1, [0])
+    armed("repl.manifest.after_write=1*sleep(1500)")  # step 2's commit waits after its manifest
+    c.seal(0, 0, 2, state(0, 2))
+    wait_until(lambda: any(e["kind"] == "failpoint.fired" for e in events.read(event_log)), 10, "step 2's manifest")
+    mgr = c.mgrs[0]
+    t = state(0, 3)
+    nbytes = t.numel() * t.element_size() + 4096
+    seg = Segment.open(mgr.segment_for(0, nbytes), c.shm(0))
+    try:  # what the worker does: keep the committed 1, so 3 goes over the uncommitted 2
+        seg.write({"w": t}, step=3, generation=1, meta=b"rank0", keep_step=1)
+        seg.seal()
+        assert {i.step for i in seg.slots() if i.sealed} == {1, 3}
+    finally:
+        seg.close()
+    mgr.on_sealed(0, 3, 1, nbytes)
+    c.wait_committed(3, [0])
+    c.wait_idle([0])
+    committed = [e["step"] for e in events.read(event_log) if e["kind"] == "ckpt.committed"]
+    assert committed == [1, 3], committed
