@@ -31,7 +31,9 @@ addresses (``peer_address``, ``bulk_address``): callers announce ``manager.node`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -159,6 +161,7 @@ class ShardManager(PeerHandler):
         self._pending: dict[int, _Job] = {}
         self._order: list[int] = []
         self._active: set[int] = set()
+        self._sending: dict[int, tuple[int, socket.socket]] = {}  # rank -> (generation, socket) of a bulk send
         self._expect: dict[tuple[int, int, int], _Expected] = {}
         self._fetching: dict[tuple[int, int, int], threading.Lock] = {}  # one restore fetch per shard at a time
         # paces every piece of every transfer (``send_slot(..., pace=...)``), so a big shard is paced inside
@@ -241,6 +244,12 @@ class ShardManager(PeerHandler):
             self._order = [r for r in self._order if r in self._pending]
             for key in [k for k in self._expect if k[2] != assignment.generation and k not in self._restore_keys()]:
                 self._expect.pop(key)
+            stale = [sock for g, sock in self._sending.values() if g != assignment.generation]
+        # a send of an older generation is aborted: its peer may be paused or cut off (it stays blocked up to
+        # replicate_timeout_s otherwise, holding back every newer snapshot of that rank)
+        for sock in stale:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for job in dropped:
             self._skip(job, f"generation {assignment.generation} formed before it was replicated")
 
@@ -331,6 +340,15 @@ class ShardManager(PeerHandler):
                         job.rank, job.step, type(exc).__name__, exc)
             self._replicate(job, assignment, placement)
 
+    def _sending_on(self, job: _Job, sock: socket.socket) -> None:
+        """Register ``job``'s bulk send; one whose generation is already over is aborted at once."""
+        with self._lock:
+            current = self._assignment.generation if self._assignment is not None else None
+            self._sending[job.rank] = (job.generation, sock)
+        if current != job.generation:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _superseded(self, job: _Job) -> str | None:
         with self._lock:
             if self._stop:
@@ -374,8 +392,12 @@ class ShardManager(PeerHandler):
             remaining = self.settings.replicate_timeout_s - (time.monotonic() - job.queued_at)
             if remaining <= 0:
                 raise ReplicationError(f"not replicated within {self.settings.replicate_timeout_s:g}s")
-            sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining,
-                             pace=self._pace)
+            try:
+                sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining,
+                                 pace=self._pace, on_connect=lambda sock: self._sending_on(job, sock))
+            finally:
+                with self._lock:
+                    self._sending.pop(job.rank, None)
             with self._lock:
                 self.stats.sent_bytes += sent
                 self.stats.sent_shards += 1

@@ -116,11 +116,13 @@ def _recv_status(sock: socket.socket, peer: str, stage: str) -> tuple[bool, str]
     return status == 0, _recv_exact(sock, n, peer, f"the {stage} reply").decode(errors="replace")
 
 
-def offer(address: tuple[str, int], token: bytes, header: SlotHeader, *, timeout: float) -> socket.socket:
+def offer(address: tuple[str, int], token: bytes, header: SlotHeader, *, timeout: float,
+          on_connect: Callable[[socket.socket], None] | None = None) -> socket.socket:
     """Connect, authenticate and announce ``header``; returns the socket once the peer says go on.
 
     The caller then sends ``header.index_nbytes`` bytes of index and ``header.nbytes`` of data and reads
     the final status (``send_slot`` does all of it; this step is separate for tools and tests).
+    ``on_connect``: see ``send_slot``.
     """
     peer = f"{address[0]}:{address[1]}"
     try:
@@ -128,6 +130,8 @@ def offer(address: tuple[str, int], token: bytes, header: SlotHeader, *, timeout
     except OSError as exc:
         raise TransportError(f"Cannot connect to peer {peer}: {exc}.") from exc
     try:
+        if on_connect is not None:
+            on_connect(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         magic, version, nonce = _HELLO.unpack(_recv_exact(sock, _HELLO.size, peer, "the greeting"))
         if magic != MAGIC or version != VERSION:
@@ -146,7 +150,7 @@ def offer(address: tuple[str, int], token: bytes, header: SlotHeader, *, timeout
 def send_slot(
     segment: Segment, slot: int, address: tuple[str, int], token: bytes, *, timeout: float, sendfile: bool = False,
     pace: Callable[[int], None] | None = None, byte_range: tuple[int, int] | None = None,
-    pace_bytes: int = 1 << 20,
+    pace_bytes: int = 1 << 20, on_connect: Callable[[socket.socket], None] | None = None,
 ) -> int:
     """Send sealed ``slot`` of ``segment`` to the receiver at ``address``; returns bytes sent.
 
@@ -158,6 +162,10 @@ def send_slot(
     (a rate limiter's reservation), so a big slot is paced inside the transfer instead of bursting.
     ``byte_range=(lo, hi)``: send only those data bytes (one stripe of a slot pulled from several holders
     at once; the receiver assembles the stripes and verifies every chunk).
+
+    ``on_connect(sock)``: called with the socket as soon as it is connected; shutting it down from another
+    thread aborts the transfer (TransportError), e.g. when the transfer's generation is over and the peer
+    may be paused or cut off for much longer than anyone should wait.
     """
     be = backend()
     peer = f"{address[0]}:{address[1]}"
@@ -173,7 +181,7 @@ def send_slot(
     header = SlotHeader(segment.job, segment.rank, segment.name, info.step, info.generation, info.nbytes,
                         len(blob), f"{socket.gethostname()}:{os.getpid()}",
                         *((lo, hi) if (lo, hi) != (0, info.nbytes) else ()))
-    sock = offer(address, token, header, timeout=timeout)
+    sock = offer(address, token, header, timeout=timeout, on_connect=on_connect)
     try:
         try:
             sock.sendall(blob)

@@ -65,6 +65,34 @@ def test_newer_commit_releases_older_and_moves_forward(make_cluster):
             assert c.mgrs[int(h[1:])].local.find(rank, 2, 1)
 
 
+def test_a_send_to_a_silent_peer_is_aborted_when_its_generation_ends(make_cluster, event_log):
+    """A peer paused (SIGSTOP) or cut off accepts the TCP connection in its kernel and then says nothing: a
+    send to it would block up to replicate_timeout_s (60 s), holding back every newer snapshot of that rank,
+    even after the generation moved on without the peer (chaos scenario pause-node-outlived). The new
+    generation aborts it."""
+    import dataclasses
+    import threading
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never greets
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    try:
+        c = make_cluster(2, replicas=2)
+        c.nodes[1] = dataclasses.replace(c.nodes[1], bulk_addr=f"127.0.0.1:{silent.getsockname()[1]}")
+        c.form(1, [0, 1])
+        c.seal(0, 0, 1, state(0, 1))
+        wait_until(lambda: accepted, 10.0, "the send to connect")
+        c.form(2, [0])  # the peer is gone from the job
+        c.seal(0, 0, 2, state(0, 2))
+        c.wait_committed(2, [0], timeout=20.0)  # well before the 60 s the blocked send would have taken
+        skipped = [e for e in events.read(event_log) if e["kind"] == "replica.skipped" and e["step"] == 1]
+        assert skipped and skipped[0]["gen"] == 1, skipped
+    finally:
+        silent.close()
+        for sock in accepted:
+            sock.close()
+
+
 def test_restore_from_peer_is_bit_exact_after_local_loss(make_cluster, event_log):
     c = make_cluster(3, replicas=2)
     c.form(1, [0, 1, 2])
