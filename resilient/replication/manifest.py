@@ -27,7 +27,7 @@ class ShardManifest:
     owner: str  # node whose segment the shard was sealed in
     holders: tuple[str, ...] = ()  # nodes with a verified copy (owner first)
     sealed_at: float = field(default_factory=time.time)
-    sliced: bool = False  # a slice of a deduplicated step (resilient.elastic.dedup): restoring needs every rank's
+    sliced: bool = False  # a slice of a deduplicated step (resilient.elastic.dedup): a restore needs all slices
 
     def with_holder(self, node_id: str) -> "ShardManifest":
         if node_id in self.holders:
