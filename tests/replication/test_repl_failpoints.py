@@ -85,7 +85,7 @@ def test_a_step_overwritten_after_its_manifest_is_never_committed(make_cluster, 
     c.form(1, [0])
     c.seal(0, 0, 1, state(0, 1))
     c.wait_committed(1, [0])
-    armed("repl.manifest.after_write=1*sleep(1500)")  # step 2's commit waits after its manifest
+    armed("repl.manifest.after_write=1*sleep(4000)")  # step 2's commit waits after its manifest (4 s: room for a slow CI)
     c.seal(0, 0, 2, state(0, 2))
     wait_until(lambda: any(e["kind"] == "failpoint.fired" for e in events.read(event_log)), 10, "step 2's manifest")
     mgr = c.mgrs[0]
