@@ -34,6 +34,12 @@ class _Shard:
     sealed: dict[int, tuple[int, int]]  # step -> (generation, nbytes), newest two
 
 
+def _held(shard: _Shard, generation: int) -> set[int]:
+    """Steps of ``generation`` the rank reported sealed and its segment still holds."""
+    there = {(i.step, i.generation) for i in shard.segment.slots() if i.sealed}
+    return {s for s, (g, _n) in shard.sealed.items() if g == generation and (s, g) in there}
+
+
 class LocalSnapshots:
     def __init__(self, *, job: str, node: str, shm_dir: str | None = None) -> None:
         self._job = job
@@ -107,8 +113,9 @@ class LocalSnapshots:
             if not self._ranks or any(r not in self._shards for r in self._ranks):
                 return None
             current = self._generation if self._generation is not None else generation
-            common = set.intersection(*({s for s, (g, _n) in self._shards[r].sealed.items() if g == current}
-                                        for r in self._ranks))
+            # only steps every segment still holds: a worker may seal a newer snapshot over an uncommitted one
+            # (it keeps the committed copy), and a step whose copy went is never committed
+            common = set.intersection(*(_held(self._shards[r], current) for r in self._ranks))
             if not common:
                 return None
             newest = max(common)

@@ -105,23 +105,68 @@ def test_nnodes_min_above_max_is_reported_as_such_not_as_non_integers():
     assert NodeRange.parse("2") == NodeRange(2, 2) and NodeRange.parse("1:4") == NodeRange(1, 4)
 
 
+def _write(snaps, shm_dir: str, rank: int, step: int, generation: int, keep: int | None = None) -> None:
+    """What a worker does before it reports a seal: write a snapshot into its segment and seal it."""
+    import torch
+
+    from resilient.store import Segment
+
+    seg = Segment.open(snaps.segment_for(rank, 4096), shm_dir)
+    try:
+        seg.write({"w": torch.full((8,), float(step))}, step=step, generation=generation, meta=b"", keep_step=keep)
+        seg.seal()
+    finally:
+        seg.close()
+
+
 def test_a_late_seal_of_an_ended_generation_never_moves_the_committed_step(tmp_path):
     from resilient.agent.snapshots import LocalSnapshots
 
-    snaps = LocalSnapshots(job="fence-test", node="n0", shm_dir=str(tmp_path))
+    shm = str(tmp_path)
+    snaps = LocalSnapshots(job="fence-test", node="n0", shm_dir=shm)
     try:
         snaps.on_generation((0, 1), 2, generation=1)
         for rank in (0, 1):
-            snaps.segment_for(rank, 4096)
+            _write(snaps, shm, rank, 5, 1)
             snaps.on_sealed(rank, 5, 1, 100)
         assert snaps.committed_step() == 5
+        for rank in (0, 1):
+            _write(snaps, shm, rank, 6, 1, keep=5)
         snaps.on_generation((0, 1), 2, generation=2)
         # both seals of step 6 were sent in generation 1 and arrive after generation 2 formed
         assert snaps.on_sealed(0, 6, 1, 100) is None and snaps.on_sealed(1, 6, 1, 100) is None
         assert snaps.committed_step() == 5
         assert snaps.prepare_restore(0).step == 5 and snaps.prepare_restore(1).step == 5
+        for rank in (0, 1):
+            _write(snaps, shm, rank, 6, 2, keep=5)
         snaps.on_sealed(0, 6, 2, 100)
         assert snaps.on_sealed(1, 6, 2, 100) == 6, "seals of the current generation commit"
+    finally:
+        snaps.close(unlink=True)
+
+
+def test_a_step_one_rank_already_wrote_over_is_never_committed(tmp_path):
+    """Rank 1's seal of step 2 reaches the agent after rank 0 sealed 3 over its uncommitted 2 (it keeps the
+    committed 1): step 2 is not committed (rank 0's copy is gone); 3 is, once both hold it."""
+    from resilient.agent.snapshots import LocalSnapshots
+
+    shm = str(tmp_path)
+    snaps = LocalSnapshots(job="overwrite-test", node="n0", shm_dir=shm)
+    try:
+        snaps.on_generation((0, 1), 2, generation=1)
+        for rank in (0, 1):
+            _write(snaps, shm, rank, 1, 1)
+            snaps.on_sealed(rank, 1, 1, 100)
+        assert snaps.committed_step() == 1
+        _write(snaps, shm, 0, 2, 1, keep=1)
+        snaps.on_sealed(0, 2, 1, 100)
+        _write(snaps, shm, 0, 3, 1, keep=1)  # over 2: the slot of 1 is kept
+        snaps.on_sealed(0, 3, 1, 100)
+        _write(snaps, shm, 1, 2, 1, keep=1)
+        assert snaps.on_sealed(1, 2, 1, 100) is None
+        assert snaps.committed_step() == 1 and snaps.prepare_restore(0).step == 1
+        _write(snaps, shm, 1, 3, 1, keep=1)
+        assert snaps.on_sealed(1, 3, 1, 100) == 3
     finally:
         snaps.close(unlink=True)
 
