@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from hypothesis import given
@@ -119,17 +120,26 @@ def _write(snaps, shm_dir: str, rank: int, step: int, generation: int, keep: int
         seg.close()
 
 
-def test_a_late_seal_of_an_ended_generation_never_moves_the_committed_step(tmp_path):
+@contextlib.contextmanager
+def _two_ranks(tmp_path, job: str, step: int):
+    """LocalSnapshots of two local ranks in generation 1 that both sealed, and so committed, ``step``."""
     from resilient.agent.snapshots import LocalSnapshots
 
     shm = str(tmp_path)
-    snaps = LocalSnapshots(job="fence-test", node="n0", shm_dir=shm)
+    snaps = LocalSnapshots(job=job, node="n0", shm_dir=shm)
     try:
         snaps.on_generation((0, 1), 2, generation=1)
         for rank in (0, 1):
-            _write(snaps, shm, rank, 5, 1)
-            snaps.on_sealed(rank, 5, 1, 100)
-        assert snaps.committed_step() == 5
+            _write(snaps, shm, rank, step, 1)
+            snaps.on_sealed(rank, step, 1, 100)
+        assert snaps.committed_step() == step
+        yield snaps, shm
+    finally:
+        snaps.close(unlink=True)
+
+
+def test_a_late_seal_of_an_ended_generation_never_moves_the_committed_step(tmp_path):
+    with _two_ranks(tmp_path, "fence-test", 5) as (snaps, shm):
         for rank in (0, 1):
             _write(snaps, shm, rank, 6, 1, keep=5)
         snaps.on_generation((0, 1), 2, generation=2)
@@ -141,23 +151,12 @@ def test_a_late_seal_of_an_ended_generation_never_moves_the_committed_step(tmp_p
             _write(snaps, shm, rank, 6, 2, keep=5)
         snaps.on_sealed(0, 6, 2, 100)
         assert snaps.on_sealed(1, 6, 2, 100) == 6, "seals of the current generation commit"
-    finally:
-        snaps.close(unlink=True)
 
 
 def test_a_step_one_rank_already_wrote_over_is_never_committed(tmp_path):
     """Rank 1's seal of step 2 reaches the agent after rank 0 sealed 3 over its uncommitted 2 (it keeps the
     committed 1): step 2 is not committed (rank 0's copy is gone); 3 is, once both hold it."""
-    from resilient.agent.snapshots import LocalSnapshots
-
-    shm = str(tmp_path)
-    snaps = LocalSnapshots(job="overwrite-test", node="n0", shm_dir=shm)
-    try:
-        snaps.on_generation((0, 1), 2, generation=1)
-        for rank in (0, 1):
-            _write(snaps, shm, rank, 1, 1)
-            snaps.on_sealed(rank, 1, 1, 100)
-        assert snaps.committed_step() == 1
+    with _two_ranks(tmp_path, "overwrite-test", 1) as (snaps, shm):
         _write(snaps, shm, 0, 2, 1, keep=1)
         snaps.on_sealed(0, 2, 1, 100)
         _write(snaps, shm, 0, 3, 1, keep=1)  # over 2: the slot of 1 is kept
@@ -167,8 +166,6 @@ def test_a_step_one_rank_already_wrote_over_is_never_committed(tmp_path):
         assert snaps.committed_step() == 1 and snaps.prepare_restore(0).step == 1
         _write(snaps, shm, 1, 3, 1, keep=1)
         assert snaps.on_sealed(1, 3, 1, 100) == 3
-    finally:
-        snaps.close(unlink=True)
 
 
 def test_the_hang_clock_stays_off_from_recovery_until_the_first_beat_of_the_step_loop(tmp_path):
