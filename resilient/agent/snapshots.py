@@ -36,8 +36,8 @@ class _Shard:
 
 def _held(shard: _Shard, generation: int) -> set[int]:
     """Steps of ``generation`` the rank reported sealed and its segment still holds."""
-    there = {(i.step, i.generation) for i in shard.segment.slots() if i.sealed}
-    return {s for s, (g, _n) in shard.sealed.items() if g == generation and (s, g) in there}
+    return {s for s, (g, _n) in shard.sealed.items()
+            if g == generation and shard.segment.sealed_slot(s, g) is not None}
 
 
 class LocalSnapshots:

@@ -148,22 +148,27 @@ def warm_budget(target: int, have: int, available: int | None, total: int | None
     return need
 
 
-def _meminfo(key: str) -> int | None:
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty when unreadable)."""
+    out: dict[str, int] = {}
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+                key, _, rest = line.partition(":")
+                fields = rest.split()
+                if fields and fields[0].isdigit():
+                    out[key] = int(fields[0]) * 1024
+    except OSError:
         pass
-    return None
+    return out
 
 
 def warm_heap(target: int) -> int:
     """Fault in heap until this process holds ``target`` bytes of anonymous memory (within
     ``warm_budget``), then free it: with ``bootstrap.retain_heap`` in force the pages stay mapped for the
     next allocations. Returns the bytes faulted in (0 when there was nothing to do)."""
-    need = warm_budget(target, anon_bytes_of(os.getpid()), _meminfo("MemAvailable"), _meminfo("MemTotal"))
+    mem = _meminfo()
+    need = warm_budget(target, anon_bytes_of(os.getpid()), mem.get("MemAvailable"), mem.get("MemTotal"))
     if need <= 0:
         return 0
     libc = ctypes.CDLL(None)

@@ -116,8 +116,8 @@ class SnapshotWriter:
         committed = self._runtime.committed_step()
         if segment is None:
             return committed
-        at_risk = {info.slot: info.step for info in segment.slots() if info.sealed}.get(segment.target_slot(committed))
-        if at_risk is not None and (committed is None or at_risk > committed):
+        target = segment.slots()[segment.target_slot(committed)]
+        if target.sealed and (committed is None or target.step > committed):
             polled = self._runtime.poll_committed()
             if polled is not None and (committed is None or polled > committed):
                 committed = polled

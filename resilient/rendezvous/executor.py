@@ -221,16 +221,16 @@ class JoinAttempt:
         except EtcdIndeterminateError as exc:
             log.info("announce may not have been applied (%s); announcing again", exc)
             return None
-        got = r.responses[-3:]
-        if got[1]:
-            raise closed_error(k, got[1][0].value)
+        rdzv, closed, closer = r.responses[-3:]
+        if closed:
+            raise closed_error(k, closed[0].value)
+        gen, formed_rev = _rdzv_state(rdzv)
         if not r.succeeded:
             # a newer generation formed, or the closer came or went between the two transactions
-            return self._newer(r) if self._moved(r) else None
+            return self._newer(gen, formed_rev) if self._moved(r) else None
         self.membership.mark_announced(lease)
         self._known = True
-        self._known_gen, self._formed_rev = _rdzv_state(got[0])
-        closer = got[2]
+        self._known_gen, self._formed_rev = gen, formed_rev
         if claimed or (closer and closer[0].value == me.encode() and closer[0].lease == lease):
             if claimed:
                 log.info("closing rendezvous rounds for job %s", k.job)
@@ -246,8 +246,9 @@ class JoinAttempt:
         """Whether the ``rdzv`` read at the end of an announce shows a generation newer than the known one."""
         return self._known and _rdzv_state(r.responses[-3])[1] != self._formed_rev
 
-    def _newer(self, r: TxnResult) -> Joined | None:
-        gen, formed_rev = _rdzv_state(r.responses[-3])
+    def _newer(self, gen: int, formed_rev: int) -> Joined | None:
+        """Generation ``gen`` (formed at ``formed_rev``) is newer than the known one: join it if it holds this
+        node, else take it as known (the node then asks into the next)."""
         self.requests += 1
         got = self.kv.get(self.keys.gen(gen))
         if got is None:

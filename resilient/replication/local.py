@@ -137,9 +137,9 @@ class LocalShards:
                 seg = self._segs.get(self.name(rank, own))
                 if seg is None:
                     continue
-                for s in seg.slots():
-                    if s.sealed and s.step == step and s.generation == generation:
-                        out.append((seg, s.slot))
+                slot = seg.sealed_slot(step, generation)
+                if slot is not None:
+                    out.append((seg, slot))
         return out
 
     def memory_bytes(self) -> int:

@@ -124,6 +124,13 @@ class Stats:
     restored_bytes: int = 0
 
 
+def _abort(sock: socket.socket) -> None:
+    """Abort a bulk send of a generation that is over: its peer may be paused or cut off, and the send would
+    otherwise block up to ``replicate_timeout_s``, holding back every newer snapshot of its rank."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class ShardManager(PeerHandler):
     """See the module docstring. Thread-safe; ``start`` before use, ``close`` at the end."""
 
@@ -245,11 +252,8 @@ class ShardManager(PeerHandler):
             for key in [k for k in self._expect if k[2] != assignment.generation and k not in self._restore_keys()]:
                 self._expect.pop(key)
             stale = [sock for g, sock in self._sending.values() if g != assignment.generation]
-        # a send of an older generation is aborted: its peer may be paused or cut off (it stays blocked up to
-        # replicate_timeout_s otherwise, holding back every newer snapshot of that rank)
         for sock in stale:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            _abort(sock)
         for job in dropped:
             self._skip(job, f"generation {assignment.generation} formed before it was replicated")
 
@@ -341,13 +345,13 @@ class ShardManager(PeerHandler):
             self._replicate(job, assignment, placement)
 
     def _sending_on(self, job: _Job, sock: socket.socket) -> None:
-        """Register ``job``'s bulk send; one whose generation is already over is aborted at once."""
+        """Register ``job``'s bulk send (``on_generation`` aborts those of older generations); one whose
+        generation is already over is aborted at once."""
         with self._lock:
             current = self._assignment.generation if self._assignment is not None else None
             self._sending[job.rank] = (job.generation, sock)
         if current != job.generation:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            _abort(sock)
 
     def _superseded(self, job: _Job) -> str | None:
         with self._lock:

@@ -44,10 +44,8 @@ def marker_of(segment, slot: int) -> Marker | None:
 
 def marker_at(segment, step: int, generation: int) -> Marker | None:
     """``marker_of`` the sealed slot of (step, generation) in ``segment`` (None when none or unsliced)."""
-    for info in segment.slots():
-        if info.sealed and info.step == step and info.generation == generation:
-            return marker_of(segment, info.slot)
-    return None
+    slot = segment.sealed_slot(step, generation)
+    return None if slot is None else marker_of(segment, slot)
 
 
 __all__ = ["MARKER", "PREFIX", "Marker", "bounds", "marker_at", "marker_of"]

@@ -259,6 +259,13 @@ class Segment:
             out.append(SlotInfo(s, rec.step, rec.generation, rec.nbytes, rec.seq != 0))
         return out
 
+    def sealed_slot(self, step: int, generation: int) -> int | None:
+        """The slot holding a sealed snapshot of ``step`` taken in ``generation``, or None."""
+        for info in self.slots():
+            if info.sealed and info.step == step and info.generation == generation:
+                return info.slot
+        return None
+
     def _latest_slot(self) -> int | None:
         seqs = [self._seq(0), self._seq(1)]
         if not any(seqs):

@@ -9,6 +9,8 @@ import torch
 
 from resilient import events, failpoints
 from resilient.replication.commit import read_commit
+from resilient.store import Segment
+from resilient.testing.etcd import wait_until
 
 REPL_POINTS = ("repl.manifest.after_write", "repl.send.after_offer", "repl.send.after_transfer",
                "repl.commit.before_txn", "repl.commit.after_txn")
@@ -78,9 +80,6 @@ def test_a_step_overwritten_after_its_manifest_is_never_committed(make_cluster, 
     copy is what it keeps). When that happens after the older step's manifest named this host, the
     older step must not be committed on that stale claim (the chaos scenario partition-host did: the
     commit of 12 landed 40 ms after 16 had been sealed over it, and the job lost its committed step)."""
-    from resilient.store import Segment
-    from resilient.testing.etcd import wait_until
-
     c = make_cluster(1, replicas=1)
     c.form(1, [0])
     c.seal(0, 0, 1, state(0, 1))

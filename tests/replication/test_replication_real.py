@@ -3,7 +3,9 @@ host loss during replication, and refusal of stale, unauthenticated or malformed
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+import threading
 
 import grpc
 import pytest
@@ -70,9 +72,6 @@ def test_a_send_to_a_silent_peer_is_aborted_when_its_generation_ends(make_cluste
     send to it would block up to replicate_timeout_s (60 s), holding back every newer snapshot of that rank,
     even after the generation moved on without the peer (chaos scenario pause-node-outlived). The new
     generation aborts it."""
-    import dataclasses
-    import threading
-
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never greets
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()

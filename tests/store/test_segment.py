@@ -73,6 +73,19 @@ def test_two_slots_alternate_and_read_by_step(seg):
         seg.read(step=1)
 
 
+def test_sealed_slot_names_step_and_generation_and_not_a_slot_being_written(seg):
+    seg.write({"w": torch.ones(10)}, step=4, generation=2)
+    seg.seal()
+    slot = seg.latest().slot
+    assert seg.sealed_slot(4, 2) == slot
+    assert seg.sealed_slot(4, 1) is None  # the same step of another generation
+    assert seg.sealed_slot(5, 2) is None
+    seg.write({"w": torch.ones(10)}, step=5, generation=2)  # the other slot, not sealed yet
+    assert seg.sealed_slot(5, 2) is None and seg.sealed_slot(4, 2) == slot
+    seg.seal()
+    assert seg.sealed_slot(5, 2) == 1 - slot
+
+
 def test_unsealed_write_does_not_replace_latest(seg):
     seg.write({"w": torch.ones(10)}, step=1, generation=0)
     seg.seal()
