@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from resilient import logs
+from resilient.elastic import exitdrain
 from resilient.errors import GenerationChangedError
 from resilient.runtime.api import WorkerAssignment
 
@@ -102,6 +103,7 @@ def init(
     up as soon as ``superseded()`` says a newer generation was announced (see the module docstring)."""
     if dist.is_initialized():
         teardown(abort=True)
+    exitdrain.register()  # gloo's workers must let go of Python before the interpreter finalizes
     kwargs: dict = {"backend": backend, "timeout": timeout}
     if backend == "nccl" and device.type == "cuda":
         kwargs["device_id"] = device
