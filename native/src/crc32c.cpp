@@ -2,8 +2,11 @@
 // tables), a slicing-by-8 software fallback, and a fused copy+checksum used by the copy engine.
 #include "crc32c.h"
 
+#include <array>
 #include <atomic>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <nmmintrin.h>
@@ -195,6 +198,25 @@ void crc32c_zeros_op(uint32_t op[32], uint64_t nbytes) {
     cur = nxt;
     nxt = t;
   }
+}
+
+void crc32c_zeros_op_cached(uint32_t op[32], uint64_t nbytes) {
+  static std::mutex mu;
+  static std::unordered_map<uint64_t, std::array<uint32_t, 32>> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(nbytes);
+    if (it != cache.end()) {
+      std::memcpy(op, it->second.data(), 32 * sizeof(uint32_t));
+      return;
+    }
+  }
+  crc32c_zeros_op(op, nbytes);  // outside the lock: two threads may both compute a new length, harmlessly
+  std::array<uint32_t, 32> entry;
+  std::memcpy(entry.data(), op, 32 * sizeof(uint32_t));
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() >= kZerosOpCacheSize) cache.clear();
+  cache.emplace(nbytes, entry);
 }
 
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {

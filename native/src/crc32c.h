@@ -22,6 +22,11 @@ bool crc32c_force_software(bool on);
 
 // Operator (32 columns) that advances a raw (unconditioned) CRC state over `nbytes` zero bytes.
 void crc32c_zeros_op(uint32_t op[32], uint64_t nbytes);
+// The same operator from a process-wide cache (thread-safe; at most kZerosOpCacheSize lengths, then it
+// starts over). The CUDA CRC launch needs ten of them per tensor, the same few lengths at every snapshot;
+// computing one costs ~15-20 us of 32x32 GF(2) squarings on the calling (training) thread.
+constexpr size_t kZerosOpCacheSize = 4096;
+void crc32c_zeros_op_cached(uint32_t op[32], uint64_t nbytes);
 uint32_t gf2_times(const uint32_t op[32], uint32_t vec);
 // crc of A||B from crc(A), crc(B) and len(B).
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);

@@ -179,9 +179,31 @@ static void test_cuda_reports_cleanly() {
   }
 }
 
+static void test_cached_zeros_op() {
+  // Equal to the direct operator on first use, on reuse, and after the cache started over.
+  uint32_t direct[32], cached[32];
+  for (int round = 0; round < 2; ++round) {
+    for (uint64_t n : {0ull, 1ull, 4096ull, 4097ull, 1ull << 20, (1ull << 26) - 12345, 1ull << 40}) {
+      crc32c_zeros_op(direct, n);
+      crc32c_zeros_op_cached(cached, n);
+      CHECK(std::memcmp(direct, cached, sizeof(direct)) == 0);
+    }
+  }
+  for (uint64_t n = 1; n <= kZerosOpCacheSize + 10; ++n) crc32c_zeros_op_cached(cached, n * 8);
+  crc32c_zeros_op(direct, 8 * 3);
+  crc32c_zeros_op_cached(cached, 8 * 3);
+  CHECK(std::memcmp(direct, cached, sizeof(direct)) == 0);
+  auto data = random_bytes(3000, 5);
+  crc32c_zeros_op_cached(cached, 1000);
+  uint32_t a = crc32c(0, data.data(), 2000), b = crc32c(0, data.data() + 2000, 1000);
+  // advancing crc(A) over len(B) zero bytes, then xoring crc(B), is crc(A||B)
+  CHECK((gf2_times(cached, a) ^ b) == crc32c(0, data.data(), 3000));
+}
+
 int main() {
   test_known_answers();
   test_hw_sw_copy_combine();
+  test_cached_zeros_op();
   test_copy_engine();
   test_pool_concurrent_callers();
   test_sockets();
