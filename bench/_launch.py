@@ -134,13 +134,15 @@ def _job_marks(out: pathlib.Path, t_kill: float) -> dict:
 
 
 def resilient_phases(result: dict) -> dict:
-    """detect / rendezvous / spawn / first step of the recovery, from the agent's and workers' events."""
+    """detect / rendezvous / spawn / restore reads / first step of the recovery, from the agent's and
+    workers' events."""
     evs, t_kill = result["events"], result["t_kill"]
     exit_ev = next(e for e in evs if e["kind"] == "worker.exit" and e["mono"] > t_kill)
     formed = next(e for e in evs if e["kind"] == "gen.formed" and "in_process" in e and e["mono"] > t_kill)
     execs = [e for e in evs if e["kind"] == "worker.exec" and e["mono"] > t_kill]
     recov = [e for e in evs if e["kind"] == "recover.done" and e["mono"] > t_kill]
     stalls = [e["stall_s"] for e in evs if e["kind"] == "snapshot.sealed"]
+    reads = [e["seconds"] for e in evs if e["kind"] == "restore.done" and e["mono"] > t_kill]
     marks = _job_marks(pathlib.Path(result["out"]), t_kill)
     return {
         **marks,
@@ -150,5 +152,6 @@ def resilient_phases(result: dict) -> dict:
         "spawn_how": execs[0]["how"] if execs else None,
         "first_step_s": round(result["next_step_mono"] - formed["mono"], 4),
         "survivor_in_process_s": round(recov[0]["seconds"], 4) if recov else None,
+        "restore_read_s": [round(r, 4) for r in reads],  # each rank's snapshot read (open, copy, verify)
         "snapshot_stall_s": round(sorted(stalls)[len(stalls) // 2], 6) if stalls else None,
     }
