@@ -100,7 +100,3 @@ def register() -> None:
     if not _registered:
         atexit.register(_drain_at_exit)
         _registered = True
-
-
-def registered() -> bool:
-    return _registered

@@ -213,7 +213,7 @@ class JoinAttempt:
         try:
             self.requests += 1  # the usual case: somebody closes rounds already
             r = self.kv.txn(unchanged + [Compare(k.closer, "version", ">", 0)], puts + reads, reads)
-            if not r.succeeded and not r.responses[-1] and not self._moved(r):
+            if not r.succeeded and not r.responses[-1] and not self._moved(_rdzv_state(r.responses[-3])[1]):
                 self.requests += 1  # nobody closes rounds: claim the role with the announcement
                 r = self.kv.txn(unchanged + [Compare(k.closer, "version", "==", 0)],
                                 puts + [Put(k.closer, me.encode(), lease)] + reads, reads)
@@ -227,7 +227,7 @@ class JoinAttempt:
         gen, formed_rev = _rdzv_state(rdzv)
         if not r.succeeded:
             # a newer generation formed, or the closer came or went between the two transactions
-            return self._newer(gen, formed_rev) if self._moved(r) else None
+            return self._newer(gen, formed_rev) if self._moved(formed_rev) else None
         self.membership.mark_announced(lease)
         self._known = True
         self._known_gen, self._formed_rev = gen, formed_rev
@@ -242,9 +242,10 @@ class JoinAttempt:
         self._phase = "follow"
         return None
 
-    def _moved(self, r: TxnResult) -> bool:
-        """Whether the ``rdzv`` read at the end of an announce shows a generation newer than the known one."""
-        return self._known and _rdzv_state(r.responses[-3])[1] != self._formed_rev
+    def _moved(self, formed_rev: int) -> bool:
+        """Whether ``rdzv``, read at the end of an announce as formed at ``formed_rev``, shows a generation
+        newer than the known one."""
+        return self._known and formed_rev != self._formed_rev
 
     def _newer(self, gen: int, formed_rev: int) -> Joined | None:
         """Generation ``gen`` (formed at ``formed_rev``) is newer than the known one: join it if it holds this

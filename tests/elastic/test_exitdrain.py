@@ -3,6 +3,7 @@ worker threads, the wiring into ``distributed.init``, and the exit race it close
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -13,9 +14,9 @@ import torch.distributed as dist
 
 from resilient.elastic import distributed, exitdrain
 from resilient.runtime.api import WorkerAssignment
+from tests.elastic.conftest import REPO, SCRIPTS, script_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "tests", "elastic", "scripts", "gloo_exit.py")
+SCRIPT = os.path.join(SCRIPTS, "gloo_exit.py")
 
 
 class Scripted:
@@ -72,13 +73,24 @@ def test_thread_states_reads_names_with_spaces_and_parentheses(tmp_path):
     assert exitdrain.thread_states("x", tasks=str(tmp_path / "missing")) == []
 
 
-def test_finds_the_real_gloo_workers_and_drains_them_once_idle():
+def test_register_installs_one_hook_however_often_it_is_called(monkeypatch):
+    hooks = []
+    monkeypatch.setattr(exitdrain, "_registered", False)
+    monkeypatch.setattr(atexit, "register", hooks.append)
+    exitdrain.register()
+    exitdrain.register()
+    assert hooks == [exitdrain._drain_at_exit]
+
+
+def test_forming_a_group_installs_the_drain_and_finds_the_real_gloo_workers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(exitdrain, "register", lambda: calls.append(1))
     assignment = WorkerAssignment(0, 0, 0, 1, 1, 0, "127.0.0.1", 0, 0, "t", "n")
     before = len(exitdrain.thread_states(exitdrain.GLOO_WORKER))
     distributed.init(assignment, rendezvous="single", backend="gloo", device=torch.device("cpu"),
                      timeout=timedelta(seconds=30))
     try:
-        assert exitdrain.registered()
+        assert calls == [1]
         t = torch.ones(8)
         dist.all_reduce(t)
         assert len(exitdrain.thread_states(exitdrain.GLOO_WORKER)) > before
@@ -87,12 +99,11 @@ def test_finds_the_real_gloo_workers_and_drains_them_once_idle():
         distributed.teardown(abort=False)
 
 
-def test_ranks_that_end_right_after_backward_exit_cleanly():
+def test_ranks_that_end_right_after_backward_exit_cleanly(shm_dir):
     """Eight two-rank runs, each leaving through interpreter finalization right after DDP's last backward.
     Without the drain about 4 in 10 runs lose a rank to SIGABRT (6 of 15 measured), so eight clean runs
     in a row would happen by chance under 2% of the time."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESILIENT_", "TORCHELASTIC_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env = script_env(shm_dir)
     for run in range(8):
         server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         procs = [subprocess.Popen([sys.executable, SCRIPT, str(server.port), str(rank)], env=env,

@@ -11,23 +11,9 @@ import sys
 import pytest
 
 from resilient import events
+from tests.elastic.conftest import REPO, SCRIPTS, script_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = os.path.join(REPO, "tests", "elastic", "scripts")
 HASH = re.compile(r"STATE_HASH ([0-9a-f]{64}) rank=(\d+) world=(\d+) restarts=(\d+)")
-
-
-def script_env(shm_dir: str, **extra: str) -> dict[str, str]:
-    """A worker environment: source tree on the path, one thread, no launcher variables inherited."""
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-    out = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RESILIENT_", "TORCHELASTIC_")) and k not in launcher
-    }
-    out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
-    out["OMP_NUM_THREADS"] = "1"
-    out["RESILIENT_SHM_DIR"] = shm_dir
-    out.update(extra)
-    return out
 
 
 def run_script(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
