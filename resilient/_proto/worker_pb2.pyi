@@ -142,13 +142,19 @@ class RestoreReply(_message.Message):
     def __init__(self, has_source: _Optional[bool] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., segment: _Optional[str] = ..., source_rank: _Optional[int] = ..., origin: _Optional[str] = ..., world_size: _Optional[int] = ..., error: _Optional[str] = ..., slices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CommittedRequest(_message.Message):
-    __slots__ = ("local_rank",)
+    __slots__ = ("local_rank", "overwrite_segment")
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     local_rank: int
-    def __init__(self, local_rank: _Optional[int] = ...) -> None: ...
+    overwrite_segment: str
+    def __init__(self, local_rank: _Optional[int] = ..., overwrite_segment: _Optional[str] = ...) -> None: ...
 
 class CommittedReply(_message.Message):
-    __slots__ = ("step",)
+    __slots__ = ("step", "skip", "reason")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     step: int
-    def __init__(self, step: _Optional[int] = ...) -> None: ...
+    skip: bool
+    reason: str
+    def __init__(self, step: _Optional[int] = ..., skip: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -105,7 +105,7 @@ class WorkerAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Committed(self, request, context):
-        """The newest committed step.
+        """The newest committed step (and, before a snapshot overwrites an uncommitted copy, its withdrawal).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

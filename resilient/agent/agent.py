@@ -134,6 +134,9 @@ class _ShardManagerAdapter:
     def committed_step(self) -> int | None:
         return self.manager.committed_step()
 
+    def before_overwrite(self, rank: int, segment: str):
+        return self.manager.before_overwrite(rank, segment)
+
     def on_generation(self, ranks, world_size, generation=None) -> None:
         self.manager.on_generation(self._agent.assignment)
 

@@ -2,7 +2,9 @@
 
 It has the ``ShardManager`` interface that the agent uses (``resilient.replication``), reduced to one
 host: the agent creates each rank's segment (so a worker crash loses nothing), and step ``s`` is
-committed when every rank of the node has sealed ``s``. With more than one node the agent uses the
+committed when every rank of the node has sealed ``s`` and still holds it: a copy a worker announced it
+is about to overwrite (``before_overwrite``, under the same lock) no longer counts. A segment replaced by a
+larger one starts with the rank's copy of the committed step. With more than one node the agent uses the
 ``ShardManager``, which replicates shards to peers and commits job-wide through etcd.
 """
 
@@ -13,8 +15,10 @@ import threading
 from dataclasses import dataclass
 
 from resilient import events
+from resilient.errors import StoreError
 from resilient.logs import get_logger
-from resilient.runtime.api import RestoreSource
+from resilient.replication.withdrawn import Withdrawn
+from resilient.runtime.api import OverwriteAnswer, RestoreSource
 
 log = get_logger(__name__)
 
@@ -34,10 +38,10 @@ class _Shard:
     sealed: dict[int, tuple[int, int]]  # step -> (generation, nbytes), newest two
 
 
-def _held(shard: _Shard, generation: int) -> set[int]:
-    """Steps of ``generation`` the rank reported sealed and its segment still holds."""
-    return {s for s, (g, _n) in shard.sealed.items()
-            if g == generation and shard.segment.sealed_slot(s, g) is not None}
+def _held(shard: _Shard, generation: int, withdrawn: Withdrawn) -> set[int]:
+    """Steps of ``generation`` the rank reported sealed and its segment still holds (not about to be
+    overwritten: ``before_overwrite``)."""
+    return {s for s, (g, _n) in shard.sealed.items() if g == generation and withdrawn.held(shard.segment, s, g)}
 
 
 class LocalSnapshots:
@@ -52,6 +56,7 @@ class LocalSnapshots:
         self._committed: tuple[int, int] | None = None  # (step, generation)
         self._generation: int | None = None  # the current generation (commits are fenced by it)
         self._count = 0
+        self._withdrawn = Withdrawn()
         self.on_commit = None  # callback(step, generation)
 
     def start(self) -> None:
@@ -90,11 +95,38 @@ class LocalSnapshots:
             name = f"{SEGMENT_PREFIX}{self._job}-{self._node}-r{rank}-{os.getpid()}-{self._count}"[:200]
             segment = Segment.create(name, capacity, job=self._job, rank=rank, shm_dir=self._shm_dir)
             old = self._shards.get(rank)
-            self._shards[rank] = _Shard(segment, name, capacity, {})
+            sealed = {}
+            if old is not None and self._committed is not None:
+                # a bigger segment replaces the old one: it starts with the old one's copy of the committed step
+                step, generation = self._committed
+                slot = old.segment.sealed_slot(step, generation)
+                if slot is not None and step in old.sealed:
+                    try:
+                        segment.copy_slot_from(old.segment, slot)
+                        sealed[step] = old.sealed[step]
+                    except StoreError as exc:
+                        log.warning("rank %d: the committed step %d could not be carried into the larger segment "
+                                    "%s: %s", rank, step, name, exc)
+            self._shards[rank] = _Shard(segment, name, capacity, sealed)
+            if old is not None:
+                self._withdrawn.forget(old.name)
         if old is not None:
-            # a bigger segment replaces the old one; the committed step moves on with the next commit
             old.segment.unlink()
         return name
+
+    def before_overwrite(self, rank: int, segment: str) -> OverwriteAnswer:
+        """A worker is about to write a snapshot into ``segment``: the committed step (the write keeps its
+        copy) and, atomically with commits (``on_sealed`` decides under the same lock), the slot the write
+        will go over stops counting as a copy, so a step is never committed on a copy being overwritten."""
+        with self._lock:
+            committed = None if self._committed is None else self._committed[0]
+            shard = next((sh for sh in self._shards.values() if sh.name == segment), None)
+            if shard is None:
+                # not a segment of this agent (any more): nothing it commits on is overwritten
+                log.warning("rank %d is about to write into segment %s, which this agent does not hold", rank, segment)
+                return OverwriteAnswer(committed)
+            self._withdrawn.withdraw(shard.segment, shard.segment.target_slot(committed))
+            return OverwriteAnswer(committed)
 
     def on_sealed(self, rank: int, step: int, generation: int, nbytes: int) -> int | None:
         """Record a sealed step; returns the newly committed step, if this seal completed one."""
@@ -115,7 +147,7 @@ class LocalSnapshots:
             current = self._generation if self._generation is not None else generation
             # only steps every segment still holds: a worker may seal a newer snapshot over an uncommitted one
             # (it keeps the committed copy), and a step whose copy went is never committed
-            common = set.intersection(*(_held(self._shards[r], current) for r in self._ranks))
+            common = set.intersection(*(_held(self._shards[r], current, self._withdrawn) for r in self._ranks))
             if not common:
                 return None
             newest = max(common)

@@ -19,7 +19,7 @@ from resilient.agent.hub import WorkerHub
 from resilient.errors import ReplicationError, ResilientError
 from resilient.replication.slices import marker_at
 from resilient.logs import get_logger
-from resilient.runtime.api import RestoreSource, WorkerAssignment
+from resilient.runtime.api import OverwriteAnswer, RestoreSource, WorkerAssignment
 
 log = get_logger(__name__)
 
@@ -40,6 +40,8 @@ class Snapshots(Protocol):
     def prepare_restore(self, rank: int) -> RestoreSource | None: ...
 
     def committed_step(self) -> int | None: ...
+
+    def before_overwrite(self, rank: int, segment: str) -> OverwriteAnswer: ...
 
 
 def with_local_slices(src: RestoreSource, snapshots: object) -> RestoreSource:
@@ -158,8 +160,13 @@ class WorkerService(worker_pb2_grpc.WorkerAgentServicer):
                                        world_size=src.world_size, slices=list(src.slices))
 
     def Committed(self, request, context):
-        step = self._snapshots().committed_step()
-        return worker_pb2.CommittedReply(step=-1 if step is None else step)
+        if not request.overwrite_segment:
+            step = self._snapshots().committed_step()
+            return worker_pb2.CommittedReply(step=-1 if step is None else step)
+        rank = self._rank(request.local_rank, context)
+        answer = self._snapshots().before_overwrite(rank, request.overwrite_segment)
+        return worker_pb2.CommittedReply(step=-1 if answer.committed is None else answer.committed, skip=answer.skip,
+                                         reason=answer.reason)
 
 
 def serve(service: WorkerService, socket_path: str, max_workers: int) -> grpc.Server:

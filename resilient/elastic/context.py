@@ -323,13 +323,12 @@ class Context:
                     change.reason, change.new * cadence.every)
             events.emit("snapshot.cadence", step=self._completed, stride=change.new, every=cadence.every,
                         reason=change.reason)
-        if due:
-            self.snapshot()
+        if due and self.snapshot() is not None:
             cadence.took(self._completed)
 
     def snapshot(self) -> int | None:
         """Snapshot the protected state now (state after ``completed_steps`` steps); returns the step count,
-        or None where snapshots are off (plain torchrun).
+        or None where snapshots are off (plain torchrun) or the runtime had this one skipped.
 
         Never waits for a commit: the copy goes to the slot that does not hold the committed step (see
         ``SnapshotWriter.keep_step``), so the committed copy survives however far replication lags."""
@@ -352,7 +351,8 @@ class Context:
                 "seed": self.seed,
             },
         )
-        self._writer.write(captured, step=step, generation=self.generation)
+        if self._writer.write(captured, step=step, generation=self.generation) is None:
+            return None  # skipped (see ``SnapshotWriter.keep_step``): the final snapshot tries again
         self._last_snapshot = step
         return step
 

@@ -33,7 +33,7 @@ from resilient import events, logs
 from resilient.elastic import dedup
 from resilient.elastic.capture import Captured, load_meta
 from resilient.errors import StateError, StoreError, StoreSpaceError
-from resilient.runtime.api import RestoreSource, WorkerRuntime
+from resilient.runtime.api import OverwriteAnswer, RestoreSource, WorkerRuntime
 from resilient.store import PendingWrite, Segment
 from resilient.store.layout import ALIGN, align
 
@@ -99,29 +99,34 @@ class SnapshotWriter:
             self._segment = Segment.open(name)
         return self._segment
 
-    def keep_step(self) -> int | None:
-        """The committed step whose local copy the next write must not overwrite (None: nothing to keep).
+    def keep_step(self) -> OverwriteAnswer:
+        """The committed step whose local copy the next write must not overwrite (``committed`` None:
+        nothing to keep), or ``skip``: write nothing this time.
 
         A segment has two slots. The next write goes to the slot not sealed last, unless that slot holds the
         committed step: then it replaces the newest, uncommitted snapshot instead (``Segment.write``), so
         this host always keeps its copy of the committed step and a snapshot never waits for a commit. The
         runtime's cheap view of the committed step may lag: when the slot the write would go to holds a
         step newer than that view (either slot: the newest snapshot, or the older one, committed since),
-        the owner is asked first (``poll_committed``), because that step may be the committed one already.
-        Found by the chaos scenario partition-host: the view said 16, the slots held 17 (just committed,
-        the only copy) and 18, and the snapshot of 20 went over 17.
+        the owner is asked first (``before_overwrite``), because that step may be the committed one already
+        (found by the chaos scenario partition-host: the view said 16, the slots held 17, just committed and
+        the only copy, and 18, and the snapshot of 20 went over 17) or about to be: the owner answers and
+        stops counting the copy the write goes over in the same critical section as its commits. A slot
+        holding a step at or below the view needs no question: commits only move forward.
         """
         self.finish()
         segment = self._segment
         committed = self._runtime.committed_step()
         if segment is None:
-            return committed
+            return OverwriteAnswer(committed)
         target = segment.slots()[segment.target_slot(committed)]
         if target.sealed and (committed is None or target.step > committed):
-            polled = self._runtime.poll_committed()
-            if polled is not None and (committed is None or polled > committed):
-                committed = polled
-        return committed
+            answer = self._runtime.before_overwrite(segment.name)
+            if answer.skip:
+                return answer
+            if answer.committed is not None and (committed is None or answer.committed > committed):
+                committed = answer.committed
+        return OverwriteAnswer(committed)
 
     def wait_committed(self, step: int, timeout: float, beat: Callable[[], None] | None = None,
                        cancelled: Callable[[], bool] | None = None) -> bool:
@@ -142,10 +147,11 @@ class SnapshotWriter:
                 beat()
             time.sleep(COMMIT_POLL_S)
 
-    def write(self, captured: Captured, *, step: int, generation: int) -> float:
-        """Copy ``captured`` into the segment and seal it as ``step``; returns the blocking time in seconds.
-        With the copy overlapped (see the module docstring) it returns once the copy is queued, and the
-        snapshot is sealed and reported by ``finish``."""
+    def write(self, captured: Captured, *, step: int, generation: int) -> float | None:
+        """Copy ``captured`` into the segment and seal it as ``step``; returns the blocking time in seconds,
+        or None when the runtime said to skip this snapshot (``keep_step``). With the copy overlapped (see
+        the module docstring) it returns once the copy is queued, and the snapshot is sealed and reported
+        by ``finish``."""
         self.finish()
         began = time.perf_counter()
         if self.dedup:
@@ -160,8 +166,13 @@ class SnapshotWriter:
                 f"The runtime gave segment {segment.name!r} of {segment.capacity} bytes per slot for a snapshot of "
                 f"{nbytes} bytes (step {step}); the runtime must honour segment_for(nbytes)."
             )
+        answer = self.keep_step()
+        if answer.skip:
+            log.warning("snapshot of step %d not written: %s; the previous snapshots stay", step, answer.reason)
+            events.emit("snapshot.skipped", step=step, reason=answer.reason)
+            return None
+        keep = answer.committed
         overlapped = self._overlap_tensors(captured)
-        keep = self.keep_step()
         try:
             pending = self._store(segment, captured, overlapped, step, generation, keep)
         except StoreSpaceError as exc:

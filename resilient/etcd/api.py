@@ -36,12 +36,15 @@ CompareOp = Literal["==", "!=", "<", ">"]
 @dataclass(frozen=True)
 class Compare:
     """One transaction guard, e.g. ``Compare("gen", "mod", "==", 42)`` or ``Compare(k, "version", "==", 0)``
-    (the key does not exist)."""
+    (the key does not exist). With ``prefix`` it holds for every key under ``key`` (etcd's range compare:
+    true when no key is there, except on ``value``), e.g. ``Compare(p, "mod", "<", rev + 1, prefix=True)``:
+    nothing under ``p`` changed after revision ``rev``."""
 
     key: str
     target: CompareTarget
     op: CompareOp
     value: Union[int, bytes]
+    prefix: bool = False
 
 
 @dataclass(frozen=True)

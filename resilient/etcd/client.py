@@ -440,7 +440,9 @@ class EtcdKV(KVStore):
             value = bytes(value)
         elif not isinstance(value, int):
             raise ConfigError(f"Compare on {c.target} needs an int, got {type(value).__name__} in {c!r}.")
-        return etcdrpc.Compare(result=result, target=target, key=_b(c.key), **{field_name: value})
+        key = _b(c.key)
+        end = prefix_range_end(key) if c.prefix else b""
+        return etcdrpc.Compare(result=result, target=target, key=key, range_end=end, **{field_name: value})
 
     @staticmethod
     def _request_op(op: Op) -> Any:

@@ -327,7 +327,16 @@ class FakeKV(KVStore):
         return n
 
     def _compare_locked(self, c: Compare) -> bool:
-        kv = self._data.get(c.key)
+        if c.prefix:
+            # etcd's range compare: every key in the range must pass; an empty range passes (as a missing
+            # key, with zero revisions), except a compare on value, which fails
+            kvs = self._range_locked(c.key, True)
+            if not kvs:
+                return c.target != "value" and self._compare_kv_locked(c, None)
+            return all(self._compare_kv_locked(c, kv) for kv in kvs)
+        return self._compare_kv_locked(c, self._data.get(c.key))
+
+    def _compare_kv_locked(self, c: Compare, kv: KeyValue | None) -> bool:
         if c.target == "value":
             if not isinstance(c.value, (bytes, bytearray)):
                 raise ConfigError(f"Compare on value needs bytes, got {type(c.value).__name__} in {c!r}.")

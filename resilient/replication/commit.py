@@ -8,7 +8,10 @@ they can never commit).
 
 ``CommitExecutor.try_commit`` reads the manifests and the commit record, decides, and writes the record
 with a transaction fenced by generation (``rendezvous.fenced_txn``) that also compares the record's
-``mod_revision``, so two agents racing to commit the same or different steps cannot move it backwards.
+``mod_revision``, so two agents racing to commit the same or different steps cannot move it backwards,
+and that no manifest of the step changed since it read them (one range compare over their prefix).
+``CommitExecutor.withdraw`` takes a holder off a manifest before its copy is overwritten, in a transaction
+that compares the commit record: a withdrawal and a commit that counted the copy cannot both succeed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
 from resilient import failpoints
+from resilient.errors import ReplicationError
 from resilient.etcd.api import Compare, KVStore, Put
 from resilient.keys import JobKeys
 from resilient.logs import get_logger
@@ -84,13 +88,23 @@ def read_commit(kv: KVStore, keys: JobKeys) -> tuple[CommitRecord | None, int]:
 
 
 def read_manifests(kv: KVStore, keys: JobKeys, generation: int, step: int) -> dict[int, ShardManifest]:
-    items, _ = kv.get_prefix(keys.ckpt_step_prefix(generation, step))
+    return read_manifests_at(kv, keys, generation, step)[0]
+
+
+def read_manifests_at(kv: KVStore, keys: JobKeys, generation: int, step: int) -> tuple[dict[int, ShardManifest], int]:
+    """The manifests of ``step`` and the store revision they were read at."""
+    items, revision = kv.get_prefix(keys.ckpt_step_prefix(generation, step))
     out: dict[int, ShardManifest] = {}
     for item in items:
         parsed = parse_ckpt_key(keys, item.key)
         if parsed is not None:
             out[parsed[2]] = ShardManifest.decode(item.value)
-    return out
+    return out, revision
+
+
+def _commit_guard(keys: JobKeys, mod: int) -> Compare:
+    """The commit record is still the one read at ``mod`` (0: there was none)."""
+    return Compare(keys.committed, "mod", "==", mod) if mod else Compare(keys.committed, "version", "==", 0)
 
 
 class CommitExecutor:
@@ -112,7 +126,7 @@ class CommitExecutor:
         decision = CommitDecision(WAIT, "not tried")
         for _ in range(self.attempts):
             current, mod = read_commit(self.kv, self.keys)
-            manifests = read_manifests(self.kv, self.keys, generation, step)
+            manifests, read_at = read_manifests_at(self.kv, self.keys, generation, step)
             if node_id is not None and holds is not None:
                 manifests = {r: m if node_id not in m.holders or holds(r) else
                              replace(m, holders=tuple(h for h in m.holders if h != node_id))
@@ -121,14 +135,48 @@ class CommitExecutor:
             if decision.action != COMMIT:
                 return decision
             record = CommitRecord(step=step, generation=generation, world_size=world_size, replicas=required)
-            guard = Compare(self.keys.committed, "mod", "==", mod) if mod else Compare(self.keys.committed, "version", "==", 0)
+            # the manifests read must still be the manifests: a holder that withdrew its claim since (its copy
+            # is about to be overwritten, ``withdraw``) fails the transaction, and the next attempt reads again
+            unchanged = Compare(self.keys.ckpt_step_prefix(generation, step), "mod", "<", read_at + 1, prefix=True)
             failpoints.hit("repl.commit.before_txn", step=step, gen=generation)
-            result = self.rendezvous.fenced_txn(generation, [guard], [Put(self.keys.committed, record.encode())])  # type: ignore[attr-defined]
+            result = self.rendezvous.fenced_txn(generation, [_commit_guard(self.keys, mod), unchanged],  # type: ignore[attr-defined]
+                                                [Put(self.keys.committed, record.encode())])
             if result.succeeded:
                 failpoints.hit("repl.commit.after_txn", step=step, gen=generation)
                 log.info("committed step %d (generation %d, %d ranks, %d copies each)", step, generation, world_size, required)
                 return decision
         return CommitDecision(WAIT, f"the commit record kept changing under {self.attempts} attempts to commit step {step}")
+
+    def withdraw(self, generation: int, step: int, rank: int, node_id: str) -> CommitRecord | None:
+        """Take ``node_id`` off the holders of ``rank``'s shard of ``step`` (sealed in ``generation``) unless
+        that step is committed: called before that copy is overwritten. Returns the commit record when the
+        step is committed (the copy must stay), None when the claim is gone or was never made.
+
+        The rewrite is one transaction that also compares the commit record, and ``try_commit`` compares
+        the manifests it read, so either the commit lands first (and this returns it) or the withdrawal
+        does (and the commit is decided again without this copy)."""
+        key = self.keys.ckpt(generation, step, rank)
+        for _ in range(self.attempts):
+            current, mod = read_commit(self.kv, self.keys)
+            if current is not None and current.step >= step:
+                # committed, or superseded by a newer commit (then it can never commit)
+                return current if (current.step, current.generation) == (step, generation) else None
+            item = self.kv.get(key)
+            if item is None:
+                return None
+            manifest = ShardManifest.decode(item.value)
+            if node_id not in manifest.holders:
+                return None
+            rest = replace(manifest, holders=tuple(h for h in manifest.holders if h != node_id))
+            result = self.kv.txn([Compare(key, "mod", "==", item.mod_revision), _commit_guard(self.keys, mod)],
+                                 [Put(key, rest.encode())])
+            if result.succeeded:
+                log.debug("withdrew %s's copy of rank %d step %d (generation %d)", node_id, rank, step, generation)
+                return None
+        raise ReplicationError(
+            f"the manifest of rank {rank} step {step} or the commit record kept changing under {self.attempts} attempts "
+            f"to withdraw {node_id}'s copy; that copy is kept"
+        )
 
     def prune(self, committed: CommitRecord) -> int:
         """Delete manifests made garbage by ``committed`` (see ``prunable``); returns how many."""
@@ -145,4 +193,5 @@ class CommitExecutor:
         self.rendezvous.fenced_txn(generation, [], [Put(key, manifest.encode())])  # type: ignore[attr-defined]
 
 
-__all__ = ["COMMIT", "WAIT", "STALE", "CommitDecision", "CommitExecutor", "decide", "prunable", "read_commit", "read_manifests"]
+__all__ = ["COMMIT", "WAIT", "STALE", "CommitDecision", "CommitExecutor", "decide", "prunable", "read_commit", "read_manifests",
+           "read_manifests_at"]

@@ -423,7 +423,7 @@ class ShardedPersist:
                 log.warning("durable checkpoint %s failed verification: %s", manifest.location, exc)
                 return None
             nbytes = sum(t.numel() * t.element_size() for t in state.tensors.values()) + len(state.meta)
-            seg = self.m.local.ensure(source, own=False, nbytes=nbytes + nbytes // 8 + (1 << 20))
+            seg = self.m.local.ensure(source, own=False, nbytes=nbytes + nbytes // 8 + (1 << 20), keep=self.m._keep())
             seg.write(dict(state.tensors), step=state.step, generation=state.generation, meta=bytes(state.meta))
             seg.seal()
             src = RestoreSource(step=manifest.step, generation=manifest.generation, segment=seg.name,

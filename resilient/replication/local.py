@@ -15,6 +15,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from resilient.errors import ChecksumError, StoreError
 from resilient.logs import get_logger
@@ -54,6 +55,28 @@ def verify(seg: Segment, slot: int) -> str:
     return digest_of(tuple(index.crcs))
 
 
+GROW_SUFFIX = ".grow"  # a larger segment being filled before it replaces its namesake (removed on adopt)
+
+
+def _headroom(nbytes: int) -> int:
+    """Slot capacity for ``nbytes``: a little more, so that a snapshot a few bytes larger (its meta holds the
+    step number) does not recreate the segment."""
+    return max(nbytes + nbytes // 64 + (64 << 10), 1 << 12)
+
+
+def receive_target(seg: Segment, keep: tuple[int, int] | None) -> int:
+    """The slot a transfer received into ``seg`` goes over (after ``LocalShards.make_room(seg, keep)``): the
+    slot not sealed last, unless that one holds ``keep`` (the committed ``(step, generation)``) and the
+    newest does not; then the newest, uncommitted one."""
+    latest = seg.latest()
+    if latest is None:
+        return seg.target_slot()
+    other = seg.slots()[1 - latest.slot]
+    if keep is not None and other.sealed and (other.step, other.generation) == keep and (latest.step, latest.generation) != keep:
+        return latest.slot
+    return other.slot
+
+
 class LocalShards:
     """Segments held by one agent, by name; thread-safe."""
 
@@ -64,6 +87,7 @@ class LocalShards:
         self._prefix = f"{job}.{node_id}."
         self._segs: dict[str, Segment] = {}
         self._lock = threading.RLock()
+        self.on_drop: Callable[[str], None] | None = None  # called with the name of each segment dropped
 
     def name(self, rank: int, own: bool) -> str:
         return f"{self._prefix}{'own' if own else 'rep'}.r{rank}"
@@ -72,6 +96,9 @@ class LocalShards:
         """Map segments this node left in the shm directory (a restarted agent on the same host)."""
         adopted = []
         for info in list_segments(self.job, self.shm_dir):
+            if info.name.startswith(self._prefix) and info.name.endswith(GROW_SUFFIX):
+                os.unlink(info.path)  # a growth its agent did not finish: the original is still in place
+                continue
             if info.name.startswith(self._prefix) and info.name not in self._segs:
                 try:
                     self._segs[info.name] = Segment.open(info.name, self.shm_dir)
@@ -84,31 +111,65 @@ class LocalShards:
         with self._lock:
             return self._segs.get(self.name(rank, own))
 
-    def ensure(self, rank: int, own: bool, nbytes: int) -> Segment:
-        """The segment for ``rank`` with slots of at least ``nbytes`` (created, or recreated larger)."""
+    def named(self, name: str) -> Segment | None:
+        with self._lock:
+            return self._segs.get(name)
+
+    def ensure(self, rank: int, own: bool, nbytes: int, keep: tuple[int, int] | None = None) -> Segment:
+        """The segment for ``rank`` with slots of at least ``nbytes`` (created with headroom, or recreated
+        larger). A segment recreated larger carries over its copy of ``keep`` (the committed
+        ``(step, generation)``), so growing never loses a committed copy."""
         name = self.name(rank, own)
         with self._lock:
             seg = self._segs.get(name)
             if seg is not None and seg.capacity >= nbytes:
                 return seg
             if seg is not None:
-                log.warning("segment %s grows from %d to >= %d bytes per slot; its old snapshots are dropped", name, seg.capacity, nbytes)
-                self._drop(name)
-            try:
-                seg = Segment.open(name, self.shm_dir)
-                if seg.capacity < nbytes:
-                    seg.unlink()
-                    seg.close()
-                    raise FileNotFoundError
-            except (StoreError, FileNotFoundError):
-                capacity = max(nbytes, 1 << 12)
-                seg = Segment.create(name, capacity, job=self.job, rank=rank, shm_dir=self.shm_dir)
+                seg = self._grow(name, seg, nbytes, keep)
+            else:
+                try:
+                    seg = Segment.open(name, self.shm_dir)
+                    if seg.capacity < nbytes:
+                        seg.unlink()
+                        seg.close()
+                        raise FileNotFoundError
+                except (StoreError, FileNotFoundError):
+                    seg = Segment.create(name, _headroom(nbytes), job=self.job, rank=rank, shm_dir=self.shm_dir)
             self._segs[name] = seg
             return seg
+
+    def _grow(self, name: str, seg: Segment, nbytes: int, keep: tuple[int, int] | None) -> Segment:
+        """Replace ``seg`` by a larger segment of the same name, with its copy of ``keep`` when it has one: the
+        new segment is made under a temporary name, given that copy, then renamed over the old file."""
+        kept = seg.sealed_slot(*keep) if keep is not None else None
+        capacity = _headroom(nbytes)
+        if kept is None:
+            log.warning("segment %s grows from %d to %d bytes per slot; its old snapshots (no committed one) are dropped",
+                        name, seg.capacity, capacity)
+            self._drop(name)
+            return Segment.create(name, capacity, job=self.job, rank=seg.rank, shm_dir=self.shm_dir)
+        bigger = Segment.create(name + GROW_SUFFIX, capacity, job=self.job, rank=seg.rank, shm_dir=self.shm_dir)
+        try:
+            bigger.copy_slot_from(seg, kept)
+            os.replace(bigger.path, seg.path)
+        except BaseException:
+            bigger.unlink()
+            bigger.close()
+            raise
+        bigger.close()
+        self._segs.pop(name, None)
+        if self.on_drop is not None:
+            self.on_drop(name)
+        seg.close()
+        log.warning("segment %s grows from %d to %d bytes per slot; it keeps its copy of the committed step %d, "
+                    "the other snapshot is dropped", name, seg.capacity, capacity, keep[0])
+        return Segment.open(name, self.shm_dir)
 
     def _drop(self, name: str) -> None:
         seg = self._segs.pop(name, None)
         if seg is not None:
+            if self.on_drop is not None:
+                self.on_drop(name)
             seg.unlink()
             try:
                 seg.close()
@@ -155,10 +216,7 @@ class LocalShards:
             return
         with self._lock:
             latest = seg.latest()
-            if latest is None:
-                return
-            other = seg.slots()[1 - latest.slot]
-            if other.sealed and (other.step, other.generation) == keep and (latest.step, latest.generation) != keep:
+            if latest is not None and receive_target(seg, keep) == latest.slot:
                 seg._invalidate(latest.slot)
 
     def names(self) -> list[str]:
@@ -177,4 +235,4 @@ class LocalShards:
                     log.warning("segment %s: %s", name, exc)
 
 
-__all__ = ["Held", "LocalShards", "digest_of", "verify"]
+__all__ = ["Held", "LocalShards", "digest_of", "receive_target", "verify"]

@@ -8,6 +8,9 @@ placement names: Offer over gRPC (the peer checks generation and placement and m
 touching its committed copy), paced by the token bucket, ``send_slot`` over the native bulk transport
 (the peer verifies every chunk before it seals), then the manifest gains that holder. Then the commit
 check: when every rank of the step has its copies, ``committed`` moves forward in a fenced transaction.
+A copy about to be overwritten (the worker's next snapshot, ``before_overwrite``; a peer's next transfer,
+``_make_room``) is first withdrawn, here and from its manifest, under the lock this node's commits and
+claims hold (``resilient.replication.withdrawn``): no node commits a step on a copy that is going away.
 A shard that cannot reach all of its holders within ``replicate_timeout_s`` (peer gone, refused,
 generation changed) is skipped: event ``replica.skipped`` and the ``skipped`` counter; training is never
 blocked and the previous committed step stays the restore point. An etcd error on the way (an election, a
@@ -58,7 +61,7 @@ from resilient.replication import placement as placement_mod
 from resilient.replication import restore as restore_mod
 from resilient.replication import slices as slices_mod
 from resilient.replication.commit import COMMIT, CommitExecutor, read_commit, read_manifests
-from resilient.replication.local import LocalShards, digest_of, verify
+from resilient.replication.local import LocalShards, digest_of, receive_target, verify
 from resilient.replication.manifest import CommitRecord, ShardManifest
 from resilient.replication.peer_service import (
     PeerAuthority,
@@ -72,7 +75,8 @@ from resilient.replication.peer_service import (
 )
 from resilient.replication.ratelimit import Pacer
 from resilient.replication.settings import ReplicationSettings
-from resilient.runtime.api import RestoreSource
+from resilient.replication.withdrawn import Withdrawn
+from resilient.runtime.api import OverwriteAnswer, RestoreSource
 from resilient.store.transport import BulkReceiver, SlotHeader, send_slot
 from resilient._proto import peer_pb2 as pb
 
@@ -162,6 +166,12 @@ class ShardManager(PeerHandler):
         self.stats = Stats()
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
+        # held from checking this node's copies to publishing a claim on them (a manifest) or a commit, and
+        # while a copy about to be overwritten is withdrawn (``resilient.replication.withdrawn``); taken
+        # before ``_lock``, never after it
+        self._copies = threading.RLock()
+        self._withdrawn = Withdrawn()
+        self.local.on_drop = self._withdrawn.forget
         self._assignment = None
         self._placement: placement_mod.Placement | None = None
         self._committed: CommitRecord | None = None
@@ -263,7 +273,50 @@ class ShardManager(PeerHandler):
 
     # --- the worker side --------------------------------------------------------------------------------
     def segment_for(self, rank: int, nbytes: int) -> str:
-        return self.local.ensure(rank, own=True, nbytes=nbytes).name
+        return self.local.ensure(rank, own=True, nbytes=nbytes, keep=self._keep()).name
+
+    def before_overwrite(self, rank: int, segment: str) -> OverwriteAnswer:
+        """A worker is about to write a snapshot into its segment ``segment``: the committed step (the write
+        keeps that copy), after the copy the write will go over stopped counting (withdrawn here and from
+        its manifest in etcd, so no node commits on it), or ``skip`` when that cannot be done now."""
+        if not self._copies.acquire(timeout=self.settings.overwrite_wait_s):
+            return OverwriteAnswer(self.committed_step(), skip=True,
+                                   reason=f"a commit on this node held its copies for over {self.settings.overwrite_wait_s:g}s")
+        try:
+            seg = self.local.named(segment)  # by name: the rank of the worker's slot may have changed since
+            if seg is None:
+                log.warning("rank %d is about to write into segment %s, which this agent does not hold", rank, segment)
+                return OverwriteAnswer(self.committed_step())
+            try:
+                c = self._withdraw_target(seg, lambda keep: seg.target_slot(None if keep is None else keep[0]))
+            except (EtcdError, ReplicationError) as exc:
+                return OverwriteAnswer(self.committed_step(), skip=True,
+                                       reason=f"its uncommitted copy could not be withdrawn from commits ({exc})")
+            return OverwriteAnswer(c.step if c is not None else None)
+        finally:
+            self._copies.release()
+
+    def _withdraw_target(self, seg, target: Callable[[tuple[int, int] | None], int]) -> CommitRecord | None:
+        """Under ``_copies``: withdraw the sealed copy in slot ``target(committed)`` of ``seg`` (the slot a
+        write or receive goes over, keeping the committed ``(step, generation)``) from this node's commits
+        and from its manifest; returns the commit that plan kept. When that step turns out committed
+        meanwhile, the copy stays and the target is planned again with the newer commit. Raises
+        EtcdError/ReplicationError (the copy then counts again: the caller must not overwrite it)."""
+        while True:
+            c = self.committed()
+            slot = target((c.step, c.generation) if c is not None else None)
+            info = self._withdrawn.withdraw(seg, slot)
+            if info is None or (c is not None and info.step <= c.step):
+                return c  # nothing sealed there, or a step that can never be committed
+            try:
+                record = self.executor.withdraw(info.generation, info.step, seg.rank, self.node.node_id)
+            except (EtcdError, ReplicationError):
+                self._withdrawn.restore(seg, slot)
+                raise
+            if record is None:
+                return c
+            self._withdrawn.restore(seg, slot)
+            self._advance_committed(record)
 
     def on_sealed(self, rank: int, step: int, generation: int, nbytes: int) -> None:
         job = _Job(rank, step, generation, nbytes, time.monotonic())
@@ -292,6 +345,11 @@ class ShardManager(PeerHandler):
     def committed(self) -> CommitRecord | None:
         with self._lock:
             return self._committed
+
+    def _keep(self) -> tuple[int, int] | None:
+        """The committed ``(step, generation)``: the copy a segment keeps when it is written or regrown."""
+        c = self.committed()
+        return (c.step, c.generation) if c is not None else None
 
     def host_memory_bytes(self) -> int:
         return self.local.memory_bytes()
@@ -372,6 +430,7 @@ class ShardManager(PeerHandler):
         if not found:
             raise ReplicationError(f"rank {job.rank}'s segment no longer holds step {job.step} (overwritten by a newer seal)")
         seg, slot = found[0]
+        overwritten = ReplicationError(f"rank {job.rank}'s worker is overwriting step {job.step} with a newer snapshot")
         # The data is not re-read here: each receiver checks every chunk against this index as it arrives
         # (and refuses a corrupt slot), so one pass over the bytes, not two.
         digest = digest_of(seg.slot_index(slot).crcs)
@@ -381,7 +440,10 @@ class ShardManager(PeerHandler):
             nbytes=nbytes, checksum=digest, owner=self.node.node_id, holders=(self.node.node_id,),
             sliced=slices_mod.marker_of(seg, slot) is not None,
         )
-        self.executor.write_manifest(job.generation, manifest)
+        with self._copies:  # a claim on the copy only while it is not being overwritten
+            if not self._withdrawn.held(seg, job.step, job.generation):
+                raise overwritten
+            self.executor.write_manifest(job.generation, manifest)
         failpoints.hit("repl.manifest.after_write", rank=job.rank, step=job.step)
         ref = pb.ShardRef(rank=job.rank, step=job.step, shard_generation=job.generation, nbytes=nbytes, world_size=assignment.world_size)
         for peer in placement.peers(job.rank):
@@ -408,20 +470,28 @@ class ShardManager(PeerHandler):
             events.emit("replica.sent", rank=job.rank, step=job.step, to=peer, bytes=sent)
             failpoints.hit("repl.send.after_transfer", rank=job.rank, step=job.step, to=peer)
             manifest = manifest.with_holder(peer)
-            self.executor.write_manifest(job.generation, manifest)
+            with self._copies:
+                if not self._withdrawn.held(seg, job.step, job.generation):
+                    # withdrawn while it was sent: the manifest must not name this node's copy again
+                    manifest = dataclasses.replace(manifest, holders=tuple(h for h in manifest.holders if h != self.node.node_id))
+                self.executor.write_manifest(job.generation, manifest)
         self._try_commit(job.generation, assignment.world_size, job.step, placement)
 
     def _try_commit(self, generation: int, world_size: int, step: int, placement: placement_mod.Placement) -> None:
-        decision = self.executor.try_commit(generation, world_size, step, placement.effective, placement.replicas,
-                                            node_id=self.node.node_id,
-                                            holds=lambda rank: bool(self.local.find(rank, step, generation)))
-        if decision.action == COMMIT:
+        def holds(rank: int) -> bool:
+            return any(self._withdrawn.held(seg, step, generation) for seg, _ in self.local.find(rank, step, generation))
+
+        with self._copies:  # no copy of this node is withdrawn between the check and the published commit
+            decision = self.executor.try_commit(generation, world_size, step, placement.effective, placement.replicas,
+                                                node_id=self.node.node_id, holds=holds)
+            if decision.action != COMMIT:
+                return
             record = CommitRecord(step, generation, world_size, placement.effective)
-            with self._lock:
-                self.stats.committed += 1
-            events.emit("ckpt.committed", step=step, gen=generation)
             self._advance_committed(record)
-            self.executor.prune(record)
+        with self._lock:
+            self.stats.committed += 1
+        events.emit("ckpt.committed", step=step, gen=generation)
+        self.executor.prune(record)
 
     # --- commit tracking --------------------------------------------------------------------------------
     def _on_commit_event(self, event: WatchEvent) -> None:
@@ -470,7 +540,7 @@ class ShardManager(PeerHandler):
 
     def handle_offer(self, sender: Sender, ref) -> tuple[bool, str]:
         with self._lock:
-            a, p, c = self._assignment, self._placement, self._committed
+            a, p = self._assignment, self._placement
         if a is None or p is None or ref.shard_generation != a.generation:
             return False, f"shard of generation {ref.shard_generation} is not of the current generation"
         if ref.rank not in p.holders or p.owner(ref.rank) != sender.node_id:
@@ -478,11 +548,14 @@ class ShardManager(PeerHandler):
         if self.node.node_id not in p.peers(ref.rank):
             return False, f"{self.node.node_id} is not a holder of rank {ref.rank} in generation {a.generation}"
         try:
-            seg = self.local.ensure(ref.rank, own=False, nbytes=ref.nbytes)
+            seg = self.local.ensure(ref.rank, own=False, nbytes=ref.nbytes, keep=self._keep())
         except StoreSpaceError as exc:
             return False, (f"{self.node.node_id} has no shared memory left for rank {ref.rank}'s shard of "
                            f"{ref.nbytes} bytes ({exc}); give it a larger RESILIENT_SHM_DIR or lower --replicas")
-        self.local.make_room(seg, (c.step, c.generation) if c is not None else None)
+        try:
+            self._make_room(seg)
+        except (EtcdError, ReplicationError) as exc:
+            return False, f"{self.node.node_id} cannot withdraw its copy the transfer would go over now ({exc})"
         with self._lock:
             self._expect[(ref.rank, ref.step, ref.shard_generation)] = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
         return True, ""
@@ -497,10 +570,21 @@ class ShardManager(PeerHandler):
             if exp is None or exp.deadline < time.monotonic():
                 self._expect.pop(key, None)
                 return None
-        seg = self.local.ensure(header.rank, own=False, nbytes=header.nbytes)
+        seg = self.local.ensure(header.rank, own=False, nbytes=header.nbytes, keep=self._keep())
         if c is None or (c.step, c.generation) != (header.step, header.generation):
-            self.local.make_room(seg, (c.step, c.generation) if c is not None else None)
+            self._make_room(seg)
+        else:  # the committed step itself, fetched for a restore: it goes over the slot not sealed last
+            with self._copies:
+                self._withdraw_target(seg, lambda keep: seg.target_slot())
         return seg
+
+    def _make_room(self, seg) -> None:
+        """Before receiving into the replica segment ``seg``: withdraw the copy the transfer will go over,
+        then make room (``LocalShards.make_room``: the committed copy stays)."""
+        with self._copies:
+            self._withdraw_target(seg, lambda keep: receive_target(seg, keep))
+            c = self.committed()
+            self.local.make_room(seg, (c.step, c.generation) if c is not None else None)
 
     def _on_received(self, header: SlotHeader, info) -> None:
         with self._lock:
@@ -757,7 +841,7 @@ class ShardManager(PeerHandler):
             peers = list(plan.peers)
             ranges = restore_mod.stripes(plan.nbytes, len(peers))
             exp = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
-            seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes)
+            seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes, keep=self._keep())
             with self._lock:
                 self._expect[key] = exp
             ref = pb.ShardRef(rank=plan.source_rank, step=plan.step, shard_generation=plan.generation, nbytes=plan.nbytes,
@@ -806,7 +890,7 @@ class ShardManager(PeerHandler):
     def _pull_once(self, plan: restore_mod.RestorePlan, peer: str, entry) -> str | None:
         key = (plan.source_rank, plan.step, plan.generation)
         exp = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
-        seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes)
+        seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes, keep=self._keep())
         with self._lock:
             self._expect[key] = exp
         try:

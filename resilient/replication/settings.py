@@ -30,6 +30,8 @@ class ReplicationSettings:
     rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     send_workers: int = 2
+    # how long a worker's snapshot waits for this node's commit lock before it is skipped instead (etcd slow)
+    overwrite_wait_s: float = 2.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -43,6 +45,8 @@ class ReplicationSettings:
             problems.append(f"rpc_timeout_s={self.rpc_timeout_s!r} must be > 0 seconds")
         if self.max_message_bytes < 1024:
             problems.append(f"max_message_bytes={self.max_message_bytes!r} must be >= 1024")
+        if not self.overwrite_wait_s > 0:
+            problems.append(f"overwrite_wait_s={self.overwrite_wait_s!r} must be > 0 seconds")
         if self.send_workers < 1:
             problems.append(f"send_workers={self.send_workers!r} must be >= 1")
         if problems:

@@ -17,7 +17,7 @@ import grpc
 from resilient import env, logs
 from resilient._proto import worker_pb2, worker_pb2_grpc
 from resilient.errors import ConfigError, RendezvousClosedError, RendezvousTimeoutError, ReplicationError, ResilientError
-from resilient.runtime.api import RestoreSource, WorkerAssignment, WorkerRuntime
+from resilient.runtime.api import OverwriteAnswer, RestoreSource, WorkerAssignment, WorkerRuntime
 from resilient.runtime.control import ControlBlock
 
 log = logs.get_logger(__name__)
@@ -162,6 +162,12 @@ class AgentRuntime(WorkerRuntime):
         reply = self._call(self._stub.Committed, worker_pb2.CommittedRequest(local_rank=self._slot),
                            "asking the agent for the committed step")
         return None if reply.step < 0 else reply.step
+
+    def before_overwrite(self, segment: str) -> OverwriteAnswer:
+        reply = self._call(self._stub.Committed,
+                           worker_pb2.CommittedRequest(local_rank=self._slot, overwrite_segment=segment),
+                           "asking the agent before overwriting an uncommitted snapshot")
+        return OverwriteAnswer(None if reply.step < 0 else reply.step, reply.skip, reply.reason)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the seals sent so far reached the agent (used before a clean exit)."""

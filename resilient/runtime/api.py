@@ -22,6 +22,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class OverwriteAnswer:
+    """The owner's answer before a snapshot write goes over an uncommitted copy (``before_overwrite``):
+    the committed step (the write keeps its copy), or ``skip``: write nothing this time (the owner could
+    not make sure the copy about to be overwritten is not being committed; the previous snapshots stay)."""
+
+    committed: int | None
+    skip: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class WorkerAssignment:
     """This worker's place in one generation."""
 
@@ -97,6 +108,13 @@ class WorkerRuntime(abc.ABC):
         """The newest committed step, asked of its owner now (used while waiting for a commit); by default
         the same as ``committed_step``."""
         return self.committed_step()
+
+    def before_overwrite(self, segment: str) -> OverwriteAnswer:
+        """Called before a snapshot write into ``segment`` goes over a slot holding a step newer than
+        ``committed_step()``: the owner answers the committed step and stops counting the copy about to be
+        overwritten, in the same critical section as its commits. By default (the runtime commits each
+        seal at once, so nothing is in flight) the committed step."""
+        return OverwriteAnswer(self.committed_step())
 
     @abc.abstractmethod
     def close(self) -> None: ...

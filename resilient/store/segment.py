@@ -100,6 +100,7 @@ class Segment:
         self._pending: _Pending | None = None
         self._inflight: PendingWrite | None = None  # the write_async whose copies may still run
         self._cuda = None  # resilient.store._cuda.CudaPath, created on first CUDA tensor
+        self._high_seq = 0  # the largest seq this handle dropped or published (seqs never repeat through it)
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -245,6 +246,7 @@ class Segment:
         self._be.store_u64_release(self._base + off, record.seq)
 
     def _invalidate(self, slot: int) -> None:
+        self._high_seq = max(self._high_seq, self._seq(slot))  # the next seal numbers past the copy dropped here
         self._be.store_u64_release(self._base + Header.record_offset(slot), 0)
         off = Header.record_offset(slot)
         rec = SlotRecord(0, -1, -1, 0, 0, 0, STATE_WRITING, 0, os.getpid())
@@ -484,7 +486,8 @@ class Segment:
         return SlotInfo(p.slot, p.step, p.generation, p.index.nbytes, True)
 
     def _publish(self, slot: int, step: int, generation: int, nbytes: int, blob: bytes) -> None:
-        seq = max(self._seq(0), self._seq(1)) + 1
+        seq = max(self._seq(0), self._seq(1), self._high_seq) + 1
+        self._high_seq = seq
         rec = SlotRecord(seq, step, generation, nbytes, len(blob), self._be.crc32c(blob), STATE_SEALED,
                          time.time_ns(), os.getpid())
         self._write_record(slot, rec)
@@ -624,8 +627,19 @@ class Segment:
         """Offset of a slot's data area in the segment file (for sendfile)."""
         return self._header.data_offset_of(slot)
 
-    def _slot_seq(self, slot: int) -> int:
+    def slot_seq(self, slot: int) -> int:
+        """The slot's seal sequence number: 0 while unsealed (being written), and a new, larger number at
+        every seal through the same handle, so an unchanged number means an unchanged copy."""
         return self._seq(slot)
+
+    def seal_id(self, slot: int) -> tuple[int, int] | None:
+        """What identifies the copy sealed in ``slot`` (its seq and seal time), also across writers (a
+        respawned worker may number a seal as its predecessor did); None while the slot is unsealed."""
+        seq = self._seq(slot)
+        if seq == 0:
+            return None
+        rec = self._record(slot)
+        return (seq, rec.sealed_ns) if rec.seq == seq else None
 
     def _index_blob(self, slot: int) -> bytes:
         rec = self._record(slot)
@@ -646,6 +660,31 @@ class Segment:
         self._mm[start : start + len(blob)] = blob
         self._publish(slot, step, generation, index.nbytes, blob)
         return SlotInfo(slot, step, generation, index.nbytes, True)
+
+    def copy_slot_from(self, src: "Segment", slot: int) -> SlotInfo:
+        """Copy the sealed ``slot`` of ``src`` into this segment (the slot a receive would take), verified
+        chunk by chunk against its index as it is copied; used to carry a committed copy over when a
+        segment is replaced by a larger one. ChecksumError when the source copy is corrupt, StoreError
+        when it does not fit or changes while it is copied."""
+        seq = src.slot_seq(slot)
+        if seq == 0:
+            raise StoreError(f"Segment {src.name!r} slot {slot} is not sealed; there is nothing to copy.")
+        rec = src._record(slot)
+        index = src.slot_index(slot)
+        blob = src._index_blob(slot)
+        if rec.nbytes > self.capacity or len(blob) > self.index_capacity:
+            raise StoreError(f"Slot {slot} of segment {src.name!r} ({rec.nbytes} bytes) does not fit segment "
+                             f"{self.name!r} ({self.capacity} bytes per slot).")
+        dst = self._prepare_receive()
+        regions = index.regions()
+        base, src_base = self.slot_address(dst), src.slot_address(slot)
+        got = self._be.copy_checksum_batch([base + off for _, off, _ in regions], [src_base + off for _, off, _ in regions],
+                                           [n for _, _, n in regions], index.chunk)
+        src._check_unchanged(slot, seq)
+        if tuple(got) != tuple(index.crcs):
+            raise ChecksumError(f"Segment {src.name!r} slot {slot} (step {rec.step}) fails its checksum while copied into "
+                                f"{self.name!r}; that copy is corrupt.")
+        return self._commit_receive(dst, rec.step, rec.generation, index, blob)
 
     def _cuda_path(self):
         if self._cuda is None:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from resilient.errors import StoreError, TransportError
+from resilient.errors import ResilientError, StoreError, TransportError
 from resilient.logs import get_logger
 from resilient.store._loader import backend
 from resilient.store.layout import SlotIndex, chunk_count
@@ -169,7 +169,7 @@ def send_slot(
     """
     be = backend()
     peer = f"{address[0]}:{address[1]}"
-    seq = segment._slot_seq(slot)
+    seq = segment.slot_seq(slot)
     if seq == 0:
         raise TransportError(f"Slot {slot} of segment {segment.name!r} is not sealed; nothing to send to {peer}.")
     info = segment.slots()[slot]
@@ -198,7 +198,7 @@ def send_slot(
             raise TransportError(
                 f"Peer {peer} went away while receiving step {info.step} of {segment.job}/rank {segment.rank}: {exc}."
             ) from exc
-        if segment._slot_seq(slot) != seq:
+        if segment.slot_seq(slot) != seq:
             raise TransportError(
                 f"Slot {slot} of segment {segment.name!r} was overwritten while it was being sent to {peer}; send the latest slot again."
             )
@@ -340,6 +340,8 @@ class BulkReceiver:
             segment = self._resolve(header)
         except StoreError as exc:
             raise self._refuse(conn, peer, f"unknown peer: no segment for {header.job}/rank {header.rank}: {exc}") from exc
+        except ResilientError as exc:  # the receiver cannot take it now (e.g. etcd failed); the sender retries
+            raise self._refuse(conn, peer, f"cannot receive step {header.step} of rank {header.rank} now: {exc}") from exc
         if segment is None:
             raise self._refuse(conn, peer, f"unknown peer: no segment here for {header.job}/rank {header.rank}.")
         if header.nbytes > segment.capacity or header.index_nbytes > segment.index_capacity:
@@ -480,7 +482,7 @@ class _Stripes:
 
     def intact(self) -> bool:
         """The slot is still the unsealed one this assembly prepared (nobody sealed into it since)."""
-        return self.segment._slot_seq(self.slot) == 0
+        return self.segment.slot_seq(self.slot) == 0
 
     def complete(self, nbytes: int) -> bool:
         end = 0

@@ -168,6 +168,94 @@ def test_a_step_one_rank_already_wrote_over_is_never_committed(tmp_path):
         assert snaps.on_sealed(1, 3, 1, 100) == 3
 
 
+def _write_as_worker(snaps, shm_dir: str, rank: int, step: int, generation: int) -> None:
+    """What a worker does when its write would go over a step newer than its view of the committed one: ask
+    the agent first (``before_overwrite``), then write keeping the step it answered."""
+    from resilient.store import Segment
+
+    name = snaps.segment_for(rank, 4096)
+    seg = Segment.open(name, shm_dir)
+    try:
+        answer = snaps.before_overwrite(rank, name)
+        assert not answer.skip
+        seg.write({"w": _filled(step)}, step=step, generation=generation, meta=b"", keep_step=answer.committed)
+        seg.seal()
+    finally:
+        seg.close()
+
+
+def _filled(step: int):
+    import torch
+
+    return torch.full((8,), float(step))  # what _write writes
+
+
+def test_a_step_is_not_committed_on_a_copy_its_worker_is_about_to_overwrite(tmp_path):
+    """Rank 0 asked before writing 3 over its uncommitted 2 (the write has not started: its segment still
+    holds 2); rank 1's seal of 2 arrives now. Step 2 must not commit: the copy rank 0 is overwriting would be
+    the only one. Without the withdrawal, 2 committed and the write of 3 then destroyed it."""
+    from resilient.store import Segment
+
+    with _two_ranks(tmp_path, "withdraw-test", 1) as (snaps, shm):
+        _write(snaps, shm, 0, 2, 1, keep=1)
+        snaps.on_sealed(0, 2, 1, 100)
+        assert snaps.before_overwrite(0, snaps.segment_for(0, 4096)).committed == 1
+        seg0 = Segment.open(snaps.segment_for(0, 4096), shm)
+        try:
+            assert seg0.sealed_slot(2, 1) is not None, "the write of 3 has not begun"
+        finally:
+            seg0.close()
+        _write(snaps, shm, 1, 2, 1, keep=1)
+        assert snaps.on_sealed(1, 2, 1, 100) is None
+        assert snaps.committed_step() == 1
+        _write(snaps, shm, 0, 3, 1, keep=1)  # the write it asked for: over 2, keeping 1
+        snaps.on_sealed(0, 3, 1, 100)
+        _write(snaps, shm, 1, 3, 1, keep=1)
+        assert snaps.on_sealed(1, 3, 1, 100) == 3
+
+
+def test_a_commit_before_the_question_keeps_the_committed_copy(tmp_path):
+    """The other order: rank 1's seal commits 2 first; rank 0's question is then answered with 2, so its
+    write of 3 goes over 1 and the committed copy of 2 stays (a step sealed anew after a withdrawal counts)."""
+    from resilient.store import Segment
+
+    with _two_ranks(tmp_path, "withdraw-order", 1) as (snaps, shm):
+        for rank in (0, 1):
+            _write(snaps, shm, rank, 2, 1, keep=1)
+        snaps.on_sealed(0, 2, 1, 100)
+        assert snaps.on_sealed(1, 2, 1, 100) == 2
+        _write_as_worker(snaps, shm, 0, 3, 1)
+        seg0 = Segment.open(snaps.segment_for(0, 4096), shm)
+        try:
+            assert {i.step for i in seg0.slots() if i.sealed} == {2, 3}
+            assert seg0.read(step=2).tensors["w"].eq(2.0).all()
+        finally:
+            seg0.close()
+        _write_as_worker(snaps, shm, 0, 3, 1)  # the same step written again, over its withdrawn copy
+        snaps.on_sealed(0, 3, 1, 100)
+        _write(snaps, shm, 1, 3, 1, keep=2)
+        assert snaps.on_sealed(1, 3, 1, 100) == 3, "the copy sealed anew counts"
+
+
+def test_a_segment_grown_for_a_larger_snapshot_keeps_the_committed_copy(tmp_path):
+    """A worker's state outgrows its segment: the agent's new, larger segment starts with the committed step,
+    so a crash before the next commit still restores it."""
+    from resilient.store import Segment
+
+    with _two_ranks(tmp_path, "grow-test", 5) as (snaps, shm):
+        old = snaps.segment_for(0, 4096)
+        new = snaps.segment_for(0, 1 << 22)
+        assert new != old
+        src = snaps.prepare_restore(0)
+        assert (src.step, src.segment, src.source_rank) == (5, new, 0)
+        seg = Segment.open(new, shm)
+        try:
+            assert seg.capacity >= 1 << 22
+            assert _filled(5).equal(seg.read(step=5).tensors["w"])
+        finally:
+            seg.close()
+
+
 def test_the_hang_clock_stays_off_from_recovery_until_the_first_beat_of_the_step_loop(tmp_path):
     from resilient.agent.hub import WorkerHub
     from resilient.agent.worker_service import WorkerService, serve

@@ -3,11 +3,13 @@ excepted)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from resilient.elastic import capture as cap
 from resilient.elastic.context import Context
 from resilient.elastic.snapshots import SnapshotWriter
+from resilient.runtime.api import OverwriteAnswer
 from resilient.runtime.local import LocalRuntime
 
 
@@ -57,17 +59,25 @@ def test_a_snapshot_replaces_the_newest_uncommitted_one_rather_than_the_committe
 
 
 class CommitsOnPoll(LaggingCommits):
-    """Commits lag in the cheap view; asking the owner (``poll_committed``) sees them."""
+    """Commits lag in the cheap view; asking the owner (``poll_committed``, ``before_overwrite``) sees them."""
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.released: int | None = None
         self.polls = 0
         self.beats = 0
+        self.asked: list[str] = []  # segments a write asked about before overwriting
+        self.skip_reason: str | None = None  # set: answer every question before an overwrite with skip
 
     def poll_committed(self) -> int | None:
         self.polls += 1
         return self.released if self.released is not None else self.held
+
+    def before_overwrite(self, segment: str) -> OverwriteAnswer:
+        self.asked.append(segment)
+        if self.skip_reason is not None:
+            return OverwriteAnswer(self.held, skip=True, reason=self.skip_reason)
+        return OverwriteAnswer(self.poll_committed())
 
     def beat(self, step: int) -> None:
         self.beats += 1
@@ -85,9 +95,8 @@ def test_the_owner_is_asked_before_the_newest_snapshot_is_overwritten(shm_dir):
         runtime.held = 1
         next(steps)  # snapshot of 2 into the other slot
         runtime.released = 2  # step 2 commits, but only the owner knows it yet
-        polls = runtime.polls
         next(steps)  # snapshot of 3: the cheap view says 1, the owner says 2: step 1's slot is replaced
-        assert runtime.polls > polls
+        assert runtime.asked == [writer.segment.name]
         assert {i.step for i in writer.segment.slots() if i.sealed} == {2, 3}
         assert writer.cadence.stride == 1, "the commit was there: no thinning"
         steps.close()
@@ -106,10 +115,40 @@ def test_the_owner_is_asked_before_an_older_snapshot_committed_since_is_overwrit
         writer.write(captured, step=2, generation=1)
         assert {i.step for i in writer.segment.slots() if i.sealed} == {1, 2}
         runtime.released = 1  # step 1 commits; the cheap view still says nothing was
-        polls = runtime.polls
         writer.write(captured, step=3, generation=1)
-        assert runtime.polls > polls
+        assert runtime.asked == [writer.segment.name]  # only the write over a sealed step newer than the view
         assert {i.step for i in writer.segment.slots() if i.sealed} == {1, 3}
+    finally:
+        runtime.close()
+
+
+def test_a_snapshot_the_owner_says_to_skip_writes_nothing_and_the_final_one_tries_again(event_log, shm_dir):
+    """The owner could not withdraw the copy a write would go over (its commit lock held, etcd failing): the
+    snapshot writes nothing and leaves both copies; the final snapshot of that step is written once the
+    owner allows it."""
+    runtime = CommitsOnPoll()
+    try:
+        ctx, writer = _context(runtime, snapshot_every=0, seed=0, commit_wait_s=5.0)
+        ctx.protect(model=torch.nn.Linear(4, 2))
+        steps = ctx.steps(3)
+        next(steps)
+        next(steps)
+        assert ctx.snapshot() == 1
+        next(steps)
+        assert ctx.snapshot() == 2  # into the empty slot: nothing to ask
+        assert runtime.asked == []
+        with pytest.raises(StopIteration):
+            next(steps)
+        runtime.skip_reason = "etcd is down"
+        assert ctx.snapshot() is None, "3 would go over 1 (uncommitted as far as anyone knows): skipped"
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {1, 2}
+        assert [(e["step"], e["reason"]) for e in event_log("snapshot.skipped")] == [(3, "etcd is down")]
+        runtime.skip_reason = None
+        runtime.released = 3  # the final snapshot's step commits as soon as the owner is asked
+        ctx._finish()
+        assert {i.step for i in writer.segment.slots() if i.sealed} == {2, 3}
+        assert runtime.asked == [writer.segment.name] * 2
+        assert not event_log("snapshot.uncommitted")
     finally:
         runtime.close()
 

@@ -79,6 +79,26 @@ def test_txn_applies_success_or_failure_branch_atomically(kv: KVStore, prefix: s
     assert kv.get(k) is not None
 
 
+def test_a_prefix_compare_holds_only_when_every_key_under_it_does(kv: KVStore, prefix: str) -> None:
+    """etcd's range compare: ``nothing under p changed after revision r`` in one guard; an empty range
+    passes a revision compare and fails a value compare."""
+    p = prefix + "step/"
+    kv.put(p + "0", b"a")
+    kv.put(p + "1", b"b")
+    kv.put(prefix + "step0", b"sibling")  # outside the range
+    _, read_at = kv.get_prefix(p)
+    unchanged = Compare(p, "mod", "<", read_at + 1, prefix=True)
+    assert kv.txn([unchanged], []).succeeded
+    kv.put(prefix + "step0", b"sibling changed")
+    assert kv.txn([unchanged], []).succeeded, "a key beside the range is not in it"
+    kv.put(p + "1", b"b2")
+    assert not kv.txn([unchanged], []).succeeded, "one key of the range changed after the read"
+    assert kv.txn([Compare(p, "version", ">", 0, prefix=True)], []).succeeded
+    empty = prefix + "none/"
+    assert kv.txn([Compare(empty, "mod", "<", 1, prefix=True)], []).succeeded
+    assert not kv.txn([Compare(empty, "value", "==", b"", prefix=True)], []).succeeded
+
+
 def test_create_if_absent_with_version_zero(kv: KVStore, prefix: str) -> None:
     k = prefix + "leader"
     first = kv.txn([Compare(k, "version", "==", 0)], [Put(k, b"node-a")], [Get(k)])

@@ -99,13 +99,24 @@ class Cluster:
         self.assignment = a
         return a
 
-    def seal(self, i: int, rank: int, step: int, tensor: torch.Tensor) -> None:
-        """What a worker does: write its state into the agent's segment, seal, tell the agent."""
+    def seal(self, i: int, rank: int, step: int, tensor: torch.Tensor, as_worker: bool = False) -> None:
+        """Write a rank's state into the agent's segment, seal, tell the agent. ``as_worker``: as a worker
+        does it (``SnapshotWriter.keep_step``): before going over a sealed step newer than the committed one,
+        ask the agent (``before_overwrite``) and keep the step it answers."""
         mgr = self.mgrs[i]
         nbytes = tensor.numel() * tensor.element_size() + 4096
         seg = Segment.open(mgr.segment_for(rank, nbytes), self.shm(i))
         try:
-            seg.write({"w": tensor}, step=step, generation=self.assignment.generation, meta=f"rank{rank}".encode())
+            keep = None
+            if as_worker:
+                keep = mgr.committed_step()
+                target = seg.slots()[seg.target_slot(keep)]
+                if target.sealed and (keep is None or target.step > keep):
+                    answer = mgr.before_overwrite(rank, seg.name)
+                    assert not answer.skip, answer.reason
+                    keep = answer.committed
+            seg.write({"w": tensor}, step=step, generation=self.assignment.generation, meta=f"rank{rank}".encode(),
+                      keep_step=keep)
             seg.seal()
         finally:
             seg.close()

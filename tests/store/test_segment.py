@@ -221,3 +221,62 @@ def test_close_refuses_while_a_view_is_held(seg):
     del view
     seg.close()
     assert seg.closed
+
+
+def test_a_seal_over_the_newest_slot_never_reuses_its_sequence_number(seg):
+    """A write keeping the older slot (the committed step) goes over the newest one; its seal must not get
+    the number the copy it replaced had, or a check "same seq, same copy" takes the new copy for the old."""
+    seg.write({"w": torch.ones(10)}, step=1, generation=0)
+    seg.seal()
+    seg.write({"w": torch.ones(10) * 2}, step=2, generation=0)
+    two = seg.seal()
+    before = (seg.slot_seq(two.slot), seg.seal_id(two.slot))
+    seg.write({"w": torch.ones(10) * 3}, step=3, generation=0, keep_step=1)
+    three = seg.seal()
+    assert three.slot == two.slot
+    assert seg.slot_seq(three.slot) > before[0]
+    assert seg.seal_id(three.slot) != before[1]
+    assert seg.seal_id(1 - three.slot)[0] < seg.slot_seq(three.slot)
+
+
+def test_seal_id_differs_across_writers_that_number_alike(seg, shm_dir):
+    """A respawned writer (a new handle) may give a seal the number its predecessor gave the copy it
+    replaced; the seal time still tells the copies apart."""
+    seg.write({"w": torch.ones(10)}, step=1, generation=0)
+    seg.seal()
+    seg.write({"w": torch.ones(10)}, step=2, generation=0)
+    old = seg.seal()
+    old_id = seg.seal_id(old.slot)
+    other = Segment.open(seg.name, shm_dir)
+    try:
+        other.write({"w": torch.ones(10)}, step=2, generation=0, keep_step=1)
+        new = other.seal()
+        assert new.slot == old.slot
+        assert seg.seal_id(new.slot) != old_id
+    finally:
+        other.close()
+    assert seg.seal_id(new.slot) is not None
+    seg._invalidate(new.slot)
+    assert seg.seal_id(new.slot) is None
+
+
+def test_copy_slot_from_carries_a_verified_copy_and_refuses_a_corrupt_one(seg, shm_dir):
+    tensors = {"a": torch.randn(1000), "b": torch.arange(300, dtype=torch.int64)}
+    seg.write(tensors, step=7, generation=3, meta=b"meta")
+    info = seg.seal()
+    bigger = Segment.create("unit-bigger", 16 << 20, job="job-a", rank=2, shm_dir=shm_dir, chunk_size=64 << 10)
+    try:
+        copied = bigger.copy_slot_from(seg, info.slot)
+        assert (copied.step, copied.generation, copied.sealed) == (7, 3, True)
+        back = bigger.read(step=7)
+        assert_same(back.tensors, tensors)
+        assert back.meta == b"meta"
+        buf = seg.slot_buffer(info.slot)
+        buf[100] ^= 0x01
+        del buf
+        with pytest.raises(ChecksumError, match="fails its checksum"):
+            bigger.copy_slot_from(seg, info.slot)
+        assert bigger.read(step=7).step == 7, "the copy made before stays"
+    finally:
+        bigger.close()
+        bigger.unlink()
