@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping
 
 from resilient import failpoints
 from resilient.errors import ReplicationError
-from resilient.etcd.api import Compare, KVStore, Put
+from resilient.etcd.api import Compare, Get, KVStore, Put
 from resilient.keys import JobKeys
 from resilient.logs import get_logger
 from resilient.replication.manifest import CommitRecord, ShardManifest, parse_ckpt_key
@@ -157,13 +157,16 @@ class CommitExecutor:
         does (and the commit is decided again without this copy)."""
         key = self.keys.ckpt(generation, step, rank)
         for _ in range(self.attempts):
-            current, mod = read_commit(self.kv, self.keys)
+            # the commit record and the manifest in one round trip (a read-only transaction)
+            commit_kvs, manifest_kvs = self.kv.txn([], [Get(self.keys.committed), Get(key)]).responses
+            current = CommitRecord.decode(commit_kvs[0].value) if commit_kvs else None
+            mod = commit_kvs[0].mod_revision if commit_kvs else 0
             if current is not None and current.step >= step:
                 # committed, or superseded by a newer commit (then it can never commit)
                 return current if (current.step, current.generation) == (step, generation) else None
-            item = self.kv.get(key)
-            if item is None:
+            if not manifest_kvs:
                 return None
+            item = manifest_kvs[0]
             manifest = ShardManifest.decode(item.value)
             if node_id not in manifest.holders:
                 return None
