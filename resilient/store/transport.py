@@ -340,7 +340,7 @@ class BulkReceiver:
             segment = self._resolve(header)
         except StoreError as exc:
             raise self._refuse(conn, peer, f"unknown peer: no segment for {header.job}/rank {header.rank}: {exc}") from exc
-        except ResilientError as exc:  # the receiver cannot take it now (e.g. etcd failed); the sender retries
+        except ResilientError as exc:  # it cannot take it now (etcd failed): that snapshot is skipped, the next one sent
             raise self._refuse(conn, peer, f"cannot receive step {header.step} of rank {header.rank} now: {exc}") from exc
         if segment is None:
             raise self._refuse(conn, peer, f"unknown peer: no segment here for {header.job}/rank {header.rank}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from resilient.replication.local import GROW_SUFFIX, LocalShards, receive_target
@@ -16,36 +17,35 @@ def _seal(seg: Segment, step: int, n: int = 1000, keep: int | None = None) -> No
     seg.seal()
 
 
-def test_a_regrown_segment_keeps_the_committed_copy_under_the_same_name(shm_root):
-    shards = LocalShards("job", "n0", shm_root)
+@pytest.fixture
+def shards(shm_root):
+    s = LocalShards("job", "n0", shm_root)
+    yield s
+    s.close(unlink=True)
+
+
+def test_a_regrown_segment_keeps_the_committed_copy_under_the_same_name(shards, shm_root):
     dropped = []
     shards.on_drop = dropped.append
-    try:
-        seg = shards.ensure(0, own=False, nbytes=8192)
-        _seal(seg, 9)
-        _seal(seg, 10)
-        # the next step's meta is a byte longer: well inside the headroom, the same segment
-        assert shards.ensure(0, own=False, nbytes=seg.slots()[0].nbytes + 1, keep=(9, 1)) is seg
-        grown = shards.ensure(0, own=False, nbytes=seg.capacity * 4, keep=(9, 1))
-        assert grown is not seg and grown.name == seg.name and grown.capacity >= seg.capacity * 4
-        assert {i.step for i in grown.slots() if i.sealed} == {9}, "the committed copy, not the newer one"
-        assert torch.equal(grown.read(step=9).tensors["w"], torch.full((1000,), 9.0))
-        assert dropped == [seg.name]
-        assert not [f for f in os.listdir(shm_root) if f.endswith(GROW_SUFFIX)]
-        assert shards.find(0, 9, 1), "found by the agent under its usual name"
-    finally:
-        shards.close(unlink=True)
+    seg = shards.ensure(0, own=False, nbytes=8192)
+    _seal(seg, 9)
+    _seal(seg, 10)
+    # the next step's meta is a byte longer: well inside the headroom, the same segment
+    assert shards.ensure(0, own=False, nbytes=seg.slots()[0].nbytes + 1, keep=(9, 1)) is seg
+    grown = shards.ensure(0, own=False, nbytes=seg.capacity * 4, keep=(9, 1))
+    assert grown is not seg and grown.name == seg.name and grown.capacity >= seg.capacity * 4
+    assert {i.step for i in grown.slots() if i.sealed} == {9}, "the committed copy, not the newer one"
+    assert torch.equal(grown.read(step=9).tensors["w"], torch.full((1000,), 9.0))
+    assert dropped == [seg.name]
+    assert not [f for f in os.listdir(shm_root) if f.endswith(GROW_SUFFIX)]
+    assert shards.find(0, 9, 1), "found by the agent under its usual name"
 
 
-def test_a_regrown_segment_without_a_committed_copy_starts_empty(shm_root):
-    shards = LocalShards("job", "n0", shm_root)
-    try:
-        seg = shards.ensure(0, own=True, nbytes=8192)
-        _seal(seg, 1)
-        grown = shards.ensure(0, own=True, nbytes=1 << 20, keep=None)
-        assert not any(i.sealed for i in grown.slots())
-    finally:
-        shards.close(unlink=True)
+def test_a_regrown_segment_without_a_committed_copy_starts_empty(shards):
+    seg = shards.ensure(0, own=True, nbytes=8192)
+    _seal(seg, 1)
+    grown = shards.ensure(0, own=True, nbytes=1 << 20, keep=None)
+    assert not any(i.sealed for i in grown.slots())
 
 
 def test_an_unfinished_growth_is_removed_when_a_restarted_agent_adopts_the_segments(shm_root):
@@ -64,18 +64,14 @@ def test_an_unfinished_growth_is_removed_when_a_restarted_agent_adopts_the_segme
         second.close(unlink=True)
 
 
-def test_receive_target_is_the_slot_make_room_frees(shm_root):
-    shards = LocalShards("job", "n0", shm_root)
-    try:
-        seg = shards.ensure(1, own=False, nbytes=8192)
-        assert receive_target(seg, None) == seg.target_slot()
-        _seal(seg, 1)
-        _seal(seg, 2)
-        newest = seg.latest().slot
-        assert receive_target(seg, None) == 1 - newest
-        assert receive_target(seg, (1, 1)) == newest, "1 is committed: the newest, uncommitted 2 is replaced"
-        shards.make_room(seg, (1, 1))
-        assert not seg.slots()[newest].sealed and seg.target_slot() == newest
-        assert receive_target(seg, (2, 1)) == seg.target_slot()
-    finally:
-        shards.close(unlink=True)
+def test_receive_target_is_the_slot_make_room_frees(shards):
+    seg = shards.ensure(1, own=False, nbytes=8192)
+    assert receive_target(seg, None) == seg.target_slot()
+    _seal(seg, 1)
+    _seal(seg, 2)
+    newest = seg.latest().slot
+    assert receive_target(seg, None) == 1 - newest
+    assert receive_target(seg, (1, 1)) == newest, "1 is committed: the newest, uncommitted 2 is replaced"
+    shards.make_room(seg, (1, 1))
+    assert not seg.slots()[newest].sealed and seg.target_slot() == newest
+    assert receive_target(seg, (2, 1)) == seg.target_slot()
