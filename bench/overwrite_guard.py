@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from resilient.elastic.snapshots import keep_for  # noqa: E402
 from resilient.store import Segment  # noqa: E402
 
 TOKEN = b"bench-token-0123456789"
@@ -42,6 +43,17 @@ TOKEN = b"bench-token-0123456789"
 def _write(seg: Segment, step: int, keep: int | None) -> None:
     seg.write({"w": torch.full((1 << 16,), float(step))}, step=step, generation=1, meta=b"bench", keep_step=keep)
     seg.seal()
+
+
+def _timed(times: list[float], ask):
+    """``ask``, appending how long each call took to ``times``."""
+    def timed():
+        t0 = time.perf_counter()
+        try:
+            return ask()
+        finally:
+            times.append(time.perf_counter() - t0)
+    return timed
 
 
 def _wait(cond, timeout: float = 30.0) -> None:
@@ -55,28 +67,18 @@ def _wait(cond, timeout: float = 30.0) -> None:
 def several_nodes(kv, snapshots: int, root: str) -> list[float]:
     from resilient.etcd.server import free_ports
     from resilient.keys import JobKeys
-    from resilient.rendezvous.executor import fenced_txn
     from resilient.rendezvous.model import Assignment, NodeEntry, NodeInfo
     from resilient.replication.manager import ShardManager
+    from resilient.testing.fence import NodeFence
 
     keys = JobKeys(f"bench-guard-{os.getpid()}")
-
-    class Fence:
-        def __init__(self, node: NodeInfo) -> None:
-            self.node = node
-            self.lease = kv.lease_grant(120)
-            kv.put(keys.node(node.node_id), node.to_json(), lease=self.lease)
-
-        def fenced_txn(self, generation, compares, success, failure=()):
-            return fenced_txn(kv, keys, generation, self.node.node_id, self.lease, compares, success, failure)
-
     mgrs = []
     for i in range(2):
         p1, p2 = free_ports(2)
         node = NodeInfo(f"n{i}", f"host{i}", f"127.0.0.1:{p1}", f"127.0.0.1:{p2}", 1, 0)
         shm = os.path.join(root, f"node{i}")
         os.makedirs(shm)
-        mgr = ShardManager(kv, keys, node, replicas=2, token=TOKEN, rendezvous=Fence(node), shm_dir=shm)
+        mgr = ShardManager(kv, keys, node, replicas=2, token=TOKEN, rendezvous=NodeFence(kv, keys, node), shm_dir=shm)
         mgr.start()
         mgrs.append((mgr, shm))
     try:
@@ -91,16 +93,10 @@ def several_nodes(kv, snapshots: int, root: str) -> list[float]:
         times = []
         try:
             for step in range(1, snapshots + 3):
-                keep = None
-                target = seg.slots()[seg.target_slot(keep)]
-                if target.sealed:
-                    t0 = time.perf_counter()
-                    answer = mgr.before_overwrite(0, seg.name)
-                    times.append(time.perf_counter() - t0)
-                    if answer.skip:
-                        raise SystemExit(f"before_overwrite skipped: {answer.reason}")
-                    keep = answer.committed
-                _write(seg, step, keep)
+                answer = keep_for(seg, None, _timed(times, lambda: mgr.before_overwrite(0, seg.name)))
+                if answer.skip:
+                    raise SystemExit(f"before_overwrite skipped: {answer.reason}")
+                _write(seg, step, answer.committed)
                 mgr.on_sealed(0, step, 1, seg.slots()[0].nbytes)
                 _wait(lambda: mgr.idle() and mgrs[1][0].idle())
         finally:
@@ -126,12 +122,7 @@ def one_node(snapshots: int, root: str) -> list[float]:
     times = []
     try:
         for step in range(1, snapshots + 3):
-            keep = None
-            if seg.slots()[seg.target_slot(None)].sealed:
-                t0 = time.perf_counter()
-                keep = snaps.before_overwrite(0, name).committed
-                times.append(time.perf_counter() - t0)
-            _write(seg, step, keep)
+            _write(seg, step, keep_for(seg, None, _timed(times, lambda: snaps.before_overwrite(0, name))).committed)
             snaps.on_sealed(0, step, 1, 100)
     finally:
         seg.close()

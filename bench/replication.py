@@ -51,23 +51,17 @@ def _host(index: int, conn, endpoints: tuple[str, ...], job: str, shm_dir: str, 
     from resilient.etcd.client import EtcdKV
     from resilient.etcd.server import free_ports
     from resilient.keys import JobKeys
-    from resilient.rendezvous.executor import fenced_txn
     from resilient.rendezvous.model import Assignment, NodeInfo
     from resilient.replication.manager import ShardManager
     from resilient.store import Segment, backend
+    from resilient.testing.fence import NodeFence
 
     kv = EtcdKV.connect(EtcdSettings(endpoints=endpoints))
     keys = JobKeys(job)
     p1, p2 = free_ports(2)
     node = NodeInfo(f"n{index}", f"host{index}", f"127.0.0.1:{p1}", f"127.0.0.1:{p2}", 1, 0)
-    lease = kv.lease_grant(600)
-    kv.put(keys.node(node.node_id), node.to_json(), lease=lease)
-
-    class Fence:
-        def fenced_txn(self, generation, compares, success, failure=()):
-            return fenced_txn(kv, keys, generation, node.node_id, lease, compares, success, failure)
-
-    mgr = ShardManager(kv, keys, node, replicas=2, token=TOKEN, rendezvous=Fence(), shm_dir=shm_dir)
+    fence = NodeFence(kv, keys, node, ttl=600)
+    mgr = ShardManager(kv, keys, node, replicas=2, token=TOKEN, rendezvous=fence, shm_dir=shm_dir)
     mgr.start()
     listener = socket.create_server(("127.0.0.1", 0))
     state = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
@@ -123,7 +117,7 @@ def _host(index: int, conn, endpoints: tuple[str, ...], job: str, shm_dir: str, 
     finally:
         listener.close()
         mgr.close(unlink=True)
-        kv.lease_revoke(lease)
+        fence.revoke()
         kv.close()
         conn.send("stopped")
 

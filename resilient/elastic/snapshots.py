@@ -61,6 +61,22 @@ class LoadedSnapshot:
     verified: bool
 
 
+def keep_for(segment: Segment, view: int | None, ask: Callable[[], OverwriteAnswer]) -> OverwriteAnswer:
+    """The step a write into ``segment`` must keep, given ``view``, a possibly lagging view of the committed
+    step: the view itself, unless the slot the write would go over holds a sealed step newer than it;
+    then the owner's answer (``ask()``: ``WorkerRuntime.before_overwrite``), which may say to skip.
+    ``SnapshotWriter.keep_step`` explains why."""
+    target = segment.slots()[segment.target_slot(view)]
+    if not target.sealed or (view is not None and target.step <= view):
+        return OverwriteAnswer(view)
+    answer = ask()
+    if answer.skip:
+        return answer
+    if answer.committed is not None and (view is None or answer.committed > view):
+        return OverwriteAnswer(answer.committed)
+    return OverwriteAnswer(view)
+
+
 class SnapshotWriter:
     """Writes captures into the runtime's segment for this worker (see the module docstring);
     ``overlap=False`` keeps every copy synchronous."""
@@ -119,14 +135,7 @@ class SnapshotWriter:
         committed = self._runtime.committed_step()
         if segment is None:
             return OverwriteAnswer(committed)
-        target = segment.slots()[segment.target_slot(committed)]
-        if target.sealed and (committed is None or target.step > committed):
-            answer = self._runtime.before_overwrite(segment.name)
-            if answer.skip:
-                return answer
-            if answer.committed is not None and (committed is None or answer.committed > committed):
-                committed = answer.committed
-        return OverwriteAnswer(committed)
+        return keep_for(segment, committed, lambda: self._runtime.before_overwrite(segment.name))
 
     def wait_committed(self, step: int, timeout: float, beat: Callable[[], None] | None = None,
                        cancelled: Callable[[], bool] | None = None) -> bool:

@@ -305,6 +305,8 @@ class ShardManager(PeerHandler):
         while True:
             c = self.committed()
             slot = target((c.step, c.generation) if c is not None else None)
+            if self._withdrawn.covers(seg, slot):
+                return c  # withdrawn before (an offer, then its transfer): its claim went then, under this lock
             info = self._withdrawn.withdraw(seg, slot)
             if info is None or (c is not None and info.step <= c.step):
                 return c  # nothing sealed there, or a step that can never be committed
@@ -430,7 +432,6 @@ class ShardManager(PeerHandler):
         if not found:
             raise ReplicationError(f"rank {job.rank}'s segment no longer holds step {job.step} (overwritten by a newer seal)")
         seg, slot = found[0]
-        overwritten = ReplicationError(f"rank {job.rank}'s worker is overwriting step {job.step} with a newer snapshot")
         # The data is not re-read here: each receiver checks every chunk against this index as it arrives
         # (and refuses a corrupt slot), so one pass over the bytes, not two.
         digest = digest_of(seg.slot_index(slot).crcs)
@@ -442,7 +443,7 @@ class ShardManager(PeerHandler):
         )
         with self._copies:  # a claim on the copy only while it is not being overwritten
             if not self._withdrawn.held(seg, job.step, job.generation):
-                raise overwritten
+                raise ReplicationError(f"rank {job.rank}'s worker is overwriting step {job.step} with a newer snapshot")
             self.executor.write_manifest(job.generation, manifest)
         failpoints.hit("repl.manifest.after_write", rank=job.rank, step=job.step)
         ref = pb.ShardRef(rank=job.rank, step=job.step, shard_generation=job.generation, nbytes=nbytes, world_size=assignment.world_size)

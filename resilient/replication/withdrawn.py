@@ -12,9 +12,9 @@ which then keeps that slot.
 
 A record names the copy by its ``Segment.seal_id`` (seq and seal time), which changes at every seal: when
 the slot is sealed again (the overwrite done, or a snapshot of the same step written anew) the record no
-longer matches and the new copy counts. There are at most two records per segment (one per slot). The callers' lock orders a withdrawal with their commits; the
-records themselves are also safe to touch from any thread (a dropped segment is forgotten from whichever
-thread drops it).
+longer matches and the new copy counts. There are at most two records per segment (one per slot). The
+callers' lock orders a withdrawal with their commits; the records themselves are also safe to touch from
+any thread (a dropped segment is forgotten from whichever thread drops it).
 """
 
 from __future__ import annotations
@@ -50,22 +50,17 @@ class Withdrawn:
             self._ids.pop((segment.name, slot), None)
 
     def held(self, segment: Segment, step: int, generation: int) -> bool:
-        """Whether ``segment`` holds a sealed copy of ``step`` (of ``generation``) that counts: not withdrawn
-        since its seal, and not changing while it is looked at."""
-        for slot in (0, 1):
-            seal = segment.seal_id(slot)
-            if seal is None:
-                continue
-            info = segment.slots()[slot]
-            if not (info.sealed and info.step == step and info.generation == generation):
-                continue
-            if segment.seal_id(slot) != seal:
-                continue  # being overwritten while read
-            with self._lock:
-                if self._ids.get((segment.name, slot)) == seal:
-                    continue
-            return True
-        return False
+        """Whether ``segment`` holds a sealed copy of ``step`` (of ``generation``) that counts: one not
+        withdrawn since its seal."""
+        slot = segment.sealed_slot(step, generation)
+        return slot is not None and not self.covers(segment, slot)
+
+    def covers(self, segment: Segment, slot: int) -> bool:
+        """Whether the copy now sealed in ``slot`` was withdrawn (False for an unsealed slot, or a copy
+        sealed there since the withdrawal)."""
+        seal = segment.seal_id(slot)
+        with self._lock:
+            return seal is not None and self._ids.get((segment.name, slot)) == seal
 
     def forget(self, name: str) -> None:
         """Drop the records of a segment that is gone (unlinked or replaced by a larger one)."""

@@ -669,8 +669,7 @@ class Segment:
         seq = src.slot_seq(slot)
         if seq == 0:
             raise StoreError(f"Segment {src.name!r} slot {slot} is not sealed; there is nothing to copy.")
-        rec = src._record(slot)
-        index = src.slot_index(slot)
+        rec, index = src._load_index(slot)
         blob = src._index_blob(slot)
         if rec.nbytes > self.capacity or len(blob) > self.index_capacity:
             raise StoreError(f"Slot {slot} of segment {src.name!r} ({rec.nbytes} bytes) does not fit segment "

@@ -13,6 +13,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from resilient.elastic.snapshots import keep_for
+
 RANKS = (0, 1)
 SNAPSHOTS = 5  # per rank
 GEN = 1
@@ -40,13 +42,10 @@ class Worker:
     def act(self) -> None:
         import torch
 
-        if self.phase == "ask":  # SnapshotWriter.keep_step
-            self.keep = self.view
-            target = self.seg.slots()[self.seg.target_slot(self.view)]
-            if target.sealed and (self.view is None or target.step > self.view):
-                answer = self.snaps.before_overwrite(self.rank, self.name)
-                if answer.committed is not None and (self.keep is None or answer.committed > self.keep):
-                    self.keep = answer.committed
+        if self.phase == "ask":  # SnapshotWriter.keep_step's rule
+            answer = keep_for(self.seg, self.view, lambda: self.snaps.before_overwrite(self.rank, self.name))
+            assert not answer.skip
+            self.keep = answer.committed
             self.phase = "write"
         elif self.phase == "write":  # the slot is invalidated and filled; not sealed yet
             self.seg.write({"w": torch.full((8,), float(self.step))}, step=self.step, generation=GEN, meta=b"",

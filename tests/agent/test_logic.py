@@ -170,13 +170,14 @@ def test_a_step_one_rank_already_wrote_over_is_never_committed(tmp_path):
 
 def _write_as_worker(snaps, shm_dir: str, rank: int, step: int, generation: int) -> None:
     """What a worker does when its write would go over a step newer than its view of the committed one: ask
-    the agent first (``before_overwrite``), then write keeping the step it answered."""
+    the agent first (``keep_for``, ``before_overwrite``), then write keeping the step it answered."""
+    from resilient.elastic.snapshots import keep_for
     from resilient.store import Segment
 
     name = snaps.segment_for(rank, 4096)
     seg = Segment.open(name, shm_dir)
     try:
-        answer = snaps.before_overwrite(rank, name)
+        answer = keep_for(seg, None, lambda: snaps.before_overwrite(rank, name))  # a view that knows nothing
         assert not answer.skip
         seg.write({"w": _filled(step)}, step=step, generation=generation, meta=b"", keep_step=answer.committed)
         seg.seal()

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from resilient import events
+from resilient.elastic.snapshots import keep_for
 from resilient.etcd.client import EtcdKV
 from resilient.etcd.server import free_ports
 from resilient.keys import JobKeys
-from resilient.rendezvous.executor import fenced_txn
 from resilient.rendezvous.model import Assignment, NodeEntry, NodeInfo
 from resilient.replication.manager import ShardManager
 from resilient.store import Segment
 from resilient.testing.etcd import running_etcd, wait_until
+from resilient.testing.fence import NodeFence
 
 TOKEN = b"job-token-0123456789"
 
@@ -34,21 +35,6 @@ def etcd_kv():
             kv.close()
 
 
-class Fence:
-    """The rendezvous' fencing for one node: its lease and ``fenced_txn``."""
-
-    def __init__(self, kv, keys: JobKeys, node: NodeInfo) -> None:
-        self.kv, self.keys, self.node = kv, keys, node
-        self.lease = kv.lease_grant(120)
-        kv.put(keys.node(node.node_id), node.to_json(), lease=self.lease)
-
-    def fenced_txn(self, generation, compares, success, failure=()):
-        return fenced_txn(self.kv, self.keys, generation, self.node.node_id, self.lease, compares, success, failure)
-
-    def revoke(self) -> None:
-        self.kv.lease_revoke(self.lease)
-
-
 def state(rank: int, step: int, n: int = 50_000) -> torch.Tensor:
     """The tensor rank ``rank`` seals at ``step`` (``n`` floats, a pure function of both)."""
     g = torch.Generator().manual_seed(1000 * rank + step)
@@ -59,7 +45,7 @@ class Cluster:
     def __init__(self, kv, job: str, n: int, replicas: int, root: str, token: bytes = TOKEN, hosts=None) -> None:
         self.kv, self.keys, self.replicas, self.root, self.token = kv, JobKeys(job), replicas, root, token
         self.nodes: list[NodeInfo] = []
-        self.fences: list[Fence] = []
+        self.fences: list[NodeFence] = []
         self.mgrs: list[ShardManager | None] = []
         hosts = hosts or [f"host{i}" for i in range(n)]
         for i in range(n):
@@ -74,7 +60,7 @@ class Cluster:
     def add_node(self, i: int, host: str, **kwargs) -> ShardManager:
         p1, p2 = free_ports(2)
         node = NodeInfo(f"n{i}", host, f"127.0.0.1:{p1}", f"127.0.0.1:{p2}", 1, 0)
-        fence = Fence(self.kv, self.keys, node)
+        fence = NodeFence(self.kv, self.keys, node)
         mgr = ShardManager(self.kv, self.keys, node, replicas=self.replicas, token=kwargs.pop("token", self.token),
                            rendezvous=fence, shm_dir=self.shm(i), **kwargs)
         mgr.start()
@@ -102,19 +88,16 @@ class Cluster:
     def seal(self, i: int, rank: int, step: int, tensor: torch.Tensor, as_worker: bool = False) -> None:
         """Write a rank's state into the agent's segment, seal, tell the agent. ``as_worker``: as a worker
         does it (``SnapshotWriter.keep_step``): before going over a sealed step newer than the committed one,
-        ask the agent (``before_overwrite``) and keep the step it answers."""
+        ask the agent (``keep_for``, ``before_overwrite``) and keep the step it answers."""
         mgr = self.mgrs[i]
         nbytes = tensor.numel() * tensor.element_size() + 4096
         seg = Segment.open(mgr.segment_for(rank, nbytes), self.shm(i))
         try:
             keep = None
             if as_worker:
-                keep = mgr.committed_step()
-                target = seg.slots()[seg.target_slot(keep)]
-                if target.sealed and (keep is None or target.step > keep):
-                    answer = mgr.before_overwrite(rank, seg.name)
-                    assert not answer.skip, answer.reason
-                    keep = answer.committed
+                answer = keep_for(seg, mgr.committed_step(), lambda: mgr.before_overwrite(rank, seg.name))
+                assert not answer.skip, answer.reason
+                keep = answer.committed
             seg.write({"w": tensor}, step=step, generation=self.assignment.generation, meta=f"rank{rank}".encode(),
                       keep_step=keep)
             seg.seal()

@@ -11,7 +11,7 @@ from resilient import failpoints
 from resilient.replication import placement
 from resilient.replication.commit import COMMIT, WAIT, CommitExecutor, read_commit, read_manifests
 from resilient.replication.manifest import ShardManifest
-from tests.replication.conftest import Fence, state
+from tests.replication.conftest import state
 
 
 def _commit(c, members, step):
@@ -52,6 +52,25 @@ def test_a_lagging_node_cannot_commit_a_step_whose_copies_were_overwritten(make_
             assert src.step == 3 and c.read(i, src).equal(state(rank, 3))
 
 
+def test_a_peer_withdraws_the_replica_a_transfer_goes_over_once(make_cluster):
+    """Nothing committed (rank 1 never snapshots): the peer's replica of rank 0 holds 1 and 2, and step 3
+    goes over 1. The offer withdraws that replica (claim off the manifest); the transfer finds it withdrawn
+    already and asks etcd nothing more."""
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    for step in (1, 2):
+        c.seal(0, 0, step, state(0, step), as_worker=True)
+        c.wait_idle([0, 1])
+    asked = []
+    withdraw = c.mgrs[1].executor.withdraw
+    c.mgrs[1].executor.withdraw = lambda *a: asked.append(a) or withdraw(*a)
+    c.seal(0, 0, 3, state(0, 3), as_worker=True)
+    c.wait_idle([0, 1])
+    assert asked == [(1, 1, 0, "n1")]
+    assert read_manifests(c.kv, c.keys, 1, 1)[0].holders == ()
+    assert {i.step for i in c.mgrs[1].local.get(0, own=False).slots() if i.sealed} == {2, 3}
+
+
 def _manifests(c, step: int, holders: dict[int, tuple[str, ...]]) -> None:
     for rank, h in holders.items():
         m = ShardManifest(rank=rank, step=step, generation=1, world_size=len(holders), nbytes=10, checksum="x",
@@ -66,7 +85,7 @@ def test_a_claim_withdrawn_while_a_commit_is_in_flight_fails_that_commit(make_cl
     c = make_cluster(2, replicas=2)
     c.form(1, [0, 1])
     _manifests(c, 5, {0: ("n0", "n1"), 1: ("n1", "n0")})
-    executor = CommitExecutor(c.kv, c.keys, Fence(c.kv, c.keys, c.nodes[0]))
+    executor = CommitExecutor(c.kv, c.keys, c.fences[0])
     failpoints.arm("repl.commit.before_txn", "1*sleep(600)")
     decisions = []
     try:
@@ -88,7 +107,7 @@ def test_a_withdrawal_after_the_commit_keeps_the_copy(make_cluster):
     c = make_cluster(2, replicas=2)
     c.form(1, [0, 1])
     _manifests(c, 5, {0: ("n0", "n1"), 1: ("n1", "n0")})
-    executor = CommitExecutor(c.kv, c.keys, Fence(c.kv, c.keys, c.nodes[0]))
+    executor = CommitExecutor(c.kv, c.keys, c.fences[0])
     assert executor.try_commit(1, 2, 5, 2, 2).action == COMMIT
     record = executor.withdraw(1, 5, 0, "n1")
     assert record is not None and (record.step, record.generation) == (5, 1)

@@ -240,24 +240,25 @@ def test_a_seal_over_the_newest_slot_never_reuses_its_sequence_number(seg):
 
 
 def test_seal_id_differs_across_writers_that_number_alike(seg, shm_dir):
-    """A respawned writer (a new handle) may give a seal the number its predecessor gave the copy it
-    replaced; the seal time still tells the copies apart."""
+    """A writer that died mid-write had invalidated the newest slot; its successor (a new handle, which never
+    saw that slot's number) seals into it with the very same seq. The seal time still tells the copies
+    apart, so a record of the old copy does not match the new one."""
     seg.write({"w": torch.ones(10)}, step=1, generation=0)
     seg.seal()
     seg.write({"w": torch.ones(10)}, step=2, generation=0)
     old = seg.seal()
-    old_id = seg.seal_id(old.slot)
-    other = Segment.open(seg.name, shm_dir)
+    old_seq, old_id = seg.slot_seq(old.slot), seg.seal_id(old.slot)
+    seg._invalidate(old.slot)  # the write of the next snapshot began there, and its writer died
+    assert seg.seal_id(old.slot) is None
+    successor = Segment.open(seg.name, shm_dir)
     try:
-        other.write({"w": torch.ones(10)}, step=2, generation=0, keep_step=1)
-        new = other.seal()
+        successor.write({"w": torch.ones(10)}, step=2, generation=0, keep_step=1)
+        new = successor.seal()
         assert new.slot == old.slot
+        assert seg.slot_seq(new.slot) == old_seq, "the same number: the successor cannot know better"
         assert seg.seal_id(new.slot) != old_id
     finally:
-        other.close()
-    assert seg.seal_id(new.slot) is not None
-    seg._invalidate(new.slot)
-    assert seg.seal_id(new.slot) is None
+        successor.close()
 
 
 def test_copy_slot_from_carries_a_verified_copy_and_refuses_a_corrupt_one(seg, shm_dir):
