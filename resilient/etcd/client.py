@@ -79,6 +79,9 @@ _CHANNEL_OPTIONS = [
 _TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 _NOT_SENT_MARKERS = ("failed to connect", "connection refused", "too many requests", "dns resolution failed")
 _TLS_MARKERS = ("ssl", "tls", "handshake", "certificate")
+# gRPC's name for its TCP connect step, whose failures (a cut-off network: "tcp handshaker shutdown") are
+# connection failures, not TLS ones
+_TCP_HANDSHAKER = "tcp handshaker"
 _COMPARE_TARGETS = {
     "version": (etcdrpc.Compare.VERSION, "version"),
     "create": (etcdrpc.Compare.CREATE, "create_revision"),
@@ -138,7 +141,8 @@ def _is_auth_failure(exc: grpc.RpcError) -> bool:
         return True
     if "authentication failed" in details or "user name is empty" in details or "permission denied" in details:
         return True
-    return code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _TLS_MARKERS)
+    tls_details = details.replace(_TCP_HANDSHAKER, "")
+    return code == grpc.StatusCode.UNAVAILABLE and any(m in tls_details for m in _TLS_MARKERS)
 
 
 def _is_stale_token(exc: grpc.RpcError) -> bool:

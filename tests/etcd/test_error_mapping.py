@@ -24,6 +24,10 @@ REFUSED = FakeRpcError(
     grpc.StatusCode.UNAVAILABLE,
     "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused",
 )
+CUT_OFF = FakeRpcError(  # a partitioned network: gRPC's TCP connect step gave up
+    grpc.StatusCode.UNAVAILABLE,
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.244.94.1:46481: tcp handshaker shutdown",
+)
 LEADER_CHANGED = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed")
 TIMED_OUT = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 BAD_PASSWORD = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: authentication failed, invalid user ID or password")
@@ -33,9 +37,14 @@ TOO_MANY = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too man
 NO_SPACE = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded")
 
 
-@pytest.mark.parametrize("exc", [REFUSED, LEADER_CHANGED, TIMED_OUT, STALE_TOKEN, TOO_MANY])
+@pytest.mark.parametrize("exc", [REFUSED, CUT_OFF, LEADER_CHANGED, TIMED_OUT, STALE_TOKEN, TOO_MANY])
 def test_transient_errors_are_retried(exc: FakeRpcError) -> None:
     assert client._is_transient(exc)
+
+
+def test_a_tcp_connect_that_gave_up_is_not_a_tls_failure() -> None:
+    # "tcp handshaker" is gRPC's TCP connect step: a cut-off network, not a certificate problem
+    assert not client._is_auth_failure(CUT_OFF)
 
 
 @pytest.mark.parametrize("exc", [BAD_PASSWORD, NO_CERT, NO_SPACE])
