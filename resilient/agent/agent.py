@@ -40,6 +40,7 @@ from resilient.agent.waker import Waker
 from resilient.agent.zygote import ZygoteClient, anon_bytes_of
 from resilient.errors import (
     EtcdError,
+    EtcdUnavailableError,
     FencedError,
     RendezvousClosedError,
     RendezvousError,
@@ -236,7 +237,7 @@ class NodeAgent:
             self.zygote = ZygoteClient(base_env)
         self.supervisor = Supervisor(target=self.s.script, args=list(self.s.script_args), module=self.s.run_module,
                                      no_python=self.s.no_python, zygote=self.zygote, tee=self.s.stream_tee,
-                                     standby=self.s.standby)
+                                     standby=self.s.standby, on_dying=self._wake.set)
         self.store = StoreHost(timeout=self.s.timeouts.join_timeout)
         from resilient.rendezvous import NodeInfo, Rendezvous, RendezvousSettings
 
@@ -394,7 +395,7 @@ class NodeAgent:
         """Tell registered workers a new generation is coming: they stop at the next step boundary."""
         for h in list(self.handles.values()):
             if h.alive and h.registered:
-                h.control.set("target_generation", max(h.control.get("target_generation"), generation + 1))
+                h.control.raise_target(generation + 1)
 
     def _on_round(self, rnd: _Round) -> None:
         log.info("generation %s ends: %s", self.assignment.generation if self.assignment else "-", rnd.reason)
@@ -408,7 +409,16 @@ class NodeAgent:
         self.hub.close(f"job {status}: {reason}")
         if status == "failed":
             raise _Exit(EXIT_FAILED, f"failed: the job was closed as failed by another node ({reason})")
+        all_finished = bool(self.handles) and len(self.finished) == len(self.handles)
+        if not all_finished and not any(h.alive for h in self.handles.values()):
+            # nothing left to wait for: this node's workers failed (or were never started) and no generation
+            # will restart them (the rest of the job finished while this node was cut off, say)
+            raise _Exit(*self._closed_exit(status, reason))
         log.info("the job was closed as %s; waiting for this node's workers to finish", status)
+
+    @staticmethod
+    def _closed_exit(status: str, reason: str) -> tuple[int, str]:
+        return EXIT_OK if status == "succeeded" else EXIT_FAILED, f"job closed ({status}: {reason})"
 
     def _closed_status(self) -> tuple[str, str]:
         try:
@@ -436,7 +446,7 @@ class NodeAgent:
             if status in ("succeeded", "done") and any(h.alive for h in self.handles.values()):
                 log.info("the job finished elsewhere; letting this node's workers finish")
                 return
-            raise _Exit(EXIT_FAILED if status != "succeeded" else EXIT_OK, f"job closed ({status}: {why})") from exc
+            raise _Exit(*self._closed_exit(status, why)) from exc
         t_joined = time.monotonic()
         entry = a.entry(self.s.node_id)
         if entry is None:
@@ -478,7 +488,7 @@ class NodeAgent:
             h = self.handles.get(slot)
             if h is not None and h.alive and h.registered and h.poll() is None:
                 h.generation, h.rank, h.generation_handed_ns = a.generation, w.rank, now_ns
-                h.control.set("target_generation", a.generation)
+                h.control.set_target(a.generation)
                 kept.append(w.rank)
                 continue
             if h is not None and h.poll() is None:
@@ -538,6 +548,7 @@ class NodeAgent:
         return os.path.join(self.run_dir, "errors", f"attempt_{self._attempt}", str(slot))
 
     def _poll_exits(self) -> None:
+        self.supervisor.reap()
         for slot, h in list(self.handles.items()):
             if h.exitcode is not None or h.poll() is None:
                 continue
@@ -547,7 +558,8 @@ class NodeAgent:
     def _on_exit(self, slot: int, h: WorkerHandle) -> None:
         code = h.exitcode
         sig = -code if code is not None and code < 0 else None
-        events.emit("worker.exit", rank=h.rank, pid=h.pid, exitcode=code, signal=sig, stopping=h.stopping)
+        events.emit("worker.exit", rank=h.rank, pid=h.pid, exitcode=code, signal=sig, stopping=h.stopping,
+                    reaped=h.reaped)
         if h.stopping:
             return
         if code == 0:
@@ -569,7 +581,8 @@ class NodeAgent:
                 self.first_failure = failure
             return
         self.first_failure = self.first_failure or failure
-        log.error("rank %d (pid %d) failed: %s", h.rank, h.pid, describe_exit(code))
+        log.error("rank %d (pid %d) failed: %s%s", h.rank, h.pid, describe_exit(code),
+                  "" if h.reaped else " (seen as its exit began; the kernel is still tearing it down)")
         detected = time.monotonic()
         self._fault_gens.add(gen)
         try:
@@ -590,10 +603,14 @@ class NodeAgent:
         reason = f"rank {h.rank} on node {self.s.node_id}: {failure.cause()}"
         try:
             self.restarts = self.rdzv.consume_restart(reason)
+            self.metrics.restarts.inc()
         except RestartBudgetExceededError as exc:
             self._close_job("failed", f"restart budget spent; last failure: {reason}")
             raise _Exit(EXIT_FAILED, f"failed: {exc}") from exc
-        self.metrics.restarts.inc()
+        except EtcdUnavailableError as exc:
+            # cut off from etcd (a partition, say): no generation forms without it either, so nothing restarts
+            # uncounted while it lasts; the next generation is joined once etcd answers again
+            log.warning("could not charge the restart for generation %d (%s); recovering anyway, uncharged", gen, exc)
         self._announce_pending(gen)
         with self._round_lock:
             if self._round is None:

@@ -6,6 +6,9 @@ the zygote ahead of need, its heap already faulted in to the size the workers us
 Workers are started in their own process group so that a stop reaches their children too; they die with
 the agent (``PR_SET_PDEATHSIG``, set by ``bootstrap``). Exits are collected with ``waitpid`` (forked
 workers are re-parented to the agent, a child subreaper), so the real exit code or signal is always known.
+A failure is known earlier, when the kernel starts tearing the process down (``deathwatch``: its exit
+status is readable then); such a worker counts as exited at once and is reaped when the teardown ends
+(``Supervisor.reap``, every monitor tick).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from resilient import env, events
+from resilient.agent import deathwatch
 from resilient.agent.zygote import Standby, ZygoteClient, launch_request
 from resilient.errors import WorkerError
 from resilient.logs import get_logger
@@ -47,31 +52,47 @@ class WorkerHandle:
     exitcode: int | None = None  # os.waitstatus_to_exitcode: negative for a signal
     stopping: bool = False  # the agent is stopping it: its exit is not a failure
     generation_handed_ns: int = field(default_factory=time.monotonic_ns)
+    reaped: bool = False  # waited for: the process is gone (exitcode may be known earlier, see poll)
 
     @property
     def alive(self) -> bool:
         return self.exitcode is None
 
     def poll(self) -> int | None:
-        if self.exitcode is not None:
-            return self.exitcode
+        """The exit code once the worker exited, else None. A failure counts from the moment the kernel
+        starts tearing the process down (``deathwatch.failing_status``), before it can be reaped."""
+        if self.exitcode is None and not self.reap():
+            status = deathwatch.failing_status(self.pid)
+            if status is not None:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+        return self.exitcode
+
+    def reap(self) -> bool:
+        """Wait for the process if it has exited (setting ``exitcode`` if still unknown); True once it is gone."""
+        if self.reaped:
+            return True
         if self.popen is not None:
             code = self.popen.poll()
-            if code is not None:
-                self.exitcode = code
-            return self.exitcode
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            # not our child (should not happen): fall back to existence
-            if _exists(self.pid):
-                return None
-            self.exitcode = -signal.SIGKILL
-            return self.exitcode
-        if pid == 0:
-            return None
-        self.exitcode = os.waitstatus_to_exitcode(status)
-        return self.exitcode
+            if code is None:
+                return False
+        else:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                # not our child (should not happen): fall back to existence
+                if _exists(self.pid):
+                    return False
+                pid, status = self.pid, signal.SIGKILL
+            if pid == 0:
+                return False
+            code = os.waitstatus_to_exitcode(status)
+        self.reaped = True
+        if self.exitcode is None:
+            self.exitcode = code
+        elif code != self.exitcode:
+            log.warning("rank %d pid %d was reaped with %s, not the %s its exit began with", self.rank, self.pid,
+                        describe_exit(code), describe_exit(self.exitcode))
+        return True
 
     def signal_group(self, sig: int) -> None:
         if not self.alive:
@@ -113,7 +134,8 @@ class Supervisor:
     REWARM_GROWTH = 0.1
 
     def __init__(self, *, target: str, args: list[str], module: bool, no_python: bool,
-                 zygote: ZygoteClient | None, tee: tuple[bool, bool], standby: bool = True) -> None:
+                 zygote: ZygoteClient | None, tee: tuple[bool, bool], standby: bool = True,
+                 on_dying: Callable[[], None] | None = None) -> None:
         self._target = target
         self._args = args
         self._module = module
@@ -124,6 +146,8 @@ class Supervisor:
         self._logged_choice: str | None = None
         self._standby_on = standby and zygote is not None and not no_python
         self._standby: Standby | None = None
+        self._unreaped: list[WorkerHandle] = []
+        self._deathwatch = deathwatch.DeathWatch(lambda _pid: on_dying()) if on_dying is not None else None
 
     def keep_standby(self, warm_bytes: int) -> None:
         """Have one standby ready, warmed to ``warm_bytes`` of anonymous memory (a worker's); forks one
@@ -175,6 +199,9 @@ class Supervisor:
                               error_file=error_file, stdout_path=stdout_path, stderr_path=stderr_path,
                               started_mono=time.monotonic(), popen=popen)
         control.set("worker_pid", pid)
+        self._unreaped.append(handle)
+        if self._deathwatch is not None:
+            self._deathwatch.watch(pid)
         events.emit("worker.start", rank=rank, local_rank=slot, pid=pid, how=how)
         log.info("started rank %d (local %d) pid %d by %s", rank, slot, pid, how)
         for stream, path, on in (("stdout", stdout_path, self._tee[0]), ("stderr", stderr_path, self._tee[1])):
@@ -242,8 +269,19 @@ class Supervisor:
                 log.warning("rank %d pid %d ignored SIGTERM for %.1fs: SIGKILL", h.rank, h.pid, grace)
                 h.signal_group(signal.SIGKILL)
         for h in live:
-            while h.poll() is None:
+            while not h.reap():
                 time.sleep(0.005)
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for the workers whose exit was seen (``poll``) but that could not be reaped then (their failure
+        was known before the kernel finished tearing them down); call it every monitor tick. Exits nobody has
+        seen yet are left to ``poll``."""
+        for h in list(self._unreaped):
+            if h.exitcode is not None and h.reap():
+                self._unreaped.remove(h)
+                if self._deathwatch is not None:
+                    self._deathwatch.forget(h.pid)
 
     def kill(self, handle: WorkerHandle) -> None:
         handle.signal_group(signal.SIGKILL)
@@ -272,10 +310,17 @@ class Supervisor:
         time.sleep(wait)  # the dump is written asynchronously by the worker's signal handler
         return where
 
-    def close(self) -> None:
+    def close(self, reap_wait: float = 5.0) -> None:
         if self._standby is not None:
             self._standby.close()
             self._standby = None
+        deadline = time.monotonic() + reap_wait  # workers whose teardown is still running
+        while self._unreaped and time.monotonic() < deadline:
+            self.reap()
+            if self._unreaped:
+                time.sleep(0.01)
+        if self._deathwatch is not None:
+            self._deathwatch.close()
         for t in self._tailers:
             t.stop()
         self._tailers.clear()

@@ -9,10 +9,11 @@ The loop, per worker process::
       any other exception           -> write torchelastic's error file, re-raise (the process exits non-zero
                                        and the agent handles it)
 
-"Peer failure" is an error from a collective (gloo raises when a peer closes its connection; NCCL is
-aborted) or ``GenerationChangedError`` (raised by ``ctx.steps()`` when the agent announced a newer
-generation); any exception raised while the runtime reports a pending generation counts too, because
-it was caused by the membership change.
+"Peer failure" is an error from a collective (gloo raises when a peer closes its connection, or when the
+runtime's generation watcher shut the group's connections down because the agent announced a newer
+generation; NCCL is aborted) or ``GenerationChangedError`` (raised by ``ctx.steps()`` when the agent
+announced a newer generation); any exception raised while the runtime reports a pending generation counts
+too, because it was caused by the membership change.
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ class Driver:
         else:
             runtime = self._runtime_factory()
         writer = SnapshotWriter(runtime, dedup=self.config.dedup)
+        # the moment the agent announces a newer generation, collectives of the current one fail
+        runtime.watch_generation(distributed.abort_collectives)
         try:
             return self._loop(runtime, writer, args, kwargs)
         except Exception as exc:

@@ -16,7 +16,10 @@ before joining (a replacement crashing as it starts) would otherwise keep its pe
 generation, and the next generation would then wait for them as long.
 
 Teardown never waits for a collective timeout: NCCL communicators are aborted (``ProcessGroup.abort``)
-before ``destroy_process_group``.
+before ``destroy_process_group``. A gloo group under the agent keeps its TCP connections on the side
+(``groupsockets``): ``abort_collectives``, called by the runtime's generation watcher when the agent
+announces a newer generation, shuts them down, so a collective blocked on a peer that is gone but not yet
+closed fails at once instead of at the group timeout.
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from resilient import logs
+from resilient import events, logs
 from resilient.elastic import exitdrain
+from resilient.elastic.groupsockets import GroupSockets, open_sockets
 from resilient.errors import GenerationChangedError
 from resilient.runtime.api import WorkerAssignment
 
 log = logs.get_logger(__name__)
 
 _client_stores: dict[tuple[str, int], dist.TCPStore] = {}
+_group_sockets = GroupSockets()
 _COLLECTIVE_FAILURE = re.compile(
     r"gloo|nccl|connection (closed|reset|refused)|broken pipe|peer|socket|timed out|timeout|"
     r"aborted|process group|ProcessGroup|communicator|Read error|Write error",
@@ -119,11 +124,31 @@ def init(
         store = dist.PrefixStore(f"resilient/gen{assignment.generation}", client)
         if superseded is not None:
             _gather(store, assignment, timeout, superseded)
+    before = open_sockets() if backend == "gloo" and rendezvous == "agent" else None
     dist.init_process_group(store=store, rank=assignment.rank, world_size=assignment.world_size, **kwargs)
+    if before is not None:
+        n = _group_sockets.capture(assignment.generation, before)
+        log.debug("generation %d: %d gloo connections kept for abort_collectives", assignment.generation, n)
+        if superseded is not None and superseded():
+            # announced while the group formed: the watcher's call came before there was anything to abort
+            abort_collectives(assignment.generation + 1)
+
+
+def abort_collectives(target_generation: int) -> int:
+    """Fail the collectives of the current group, in flight or to come, if it belongs to a generation before
+    ``target_generation`` (safe from any thread); the number of connections shut down (0: nothing to do)."""
+    gen = _group_sockets.generation
+    n = _group_sockets.abort(target_generation)
+    if n:
+        events.emit("collectives.abort", aborted_gen=gen, target=target_generation, connections=n)
+        log.warning("generation %s is over (generation %d announced): %d gloo connections shut down, so its "
+                    "collectives fail now", gen, target_generation, n)
+    return n
 
 
 def teardown(*, abort: bool) -> None:
     """Destroy the default process group; with ``abort`` first abort its communicators (NCCL)."""
+    _group_sockets.release()
     if not dist.is_initialized():
         return
     if abort:

@@ -1,7 +1,9 @@
 """``AgentRuntime``: the worker runtime under ``resilient-run`` (see ``resilient.runtime.api``).
 
 Cheap calls go through the shared-memory control block (``control.py``): progress beats, the pending
-generation check and the stop request are plain memory reads and writes at every step boundary. Everything
+generation check and the stop request are plain memory reads and writes at every step boundary; a watcher
+thread sleeps on a futex of the control block's target generation and runs the ``watch_generation``
+callback the moment the agent announces a newer one. Everything
 else is a gRPC call to the local agent over its Unix socket (``proto/resilient/v1/worker.proto``):
 registration, segments, seals (non-blocking), long-polls for the next generation and restore plans.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Callable
 
 import grpc
 
@@ -23,6 +26,7 @@ from resilient.runtime.control import ControlBlock
 log = logs.get_logger(__name__)
 
 POLL_S = 10.0  # one WaitGeneration long-poll
+WATCH_RECHECK_S = 1.0  # the generation watcher looks again at least this often, woken or not
 RPC_TIMEOUT_S = 60.0
 
 
@@ -49,6 +53,8 @@ class AgentRuntime(WorkerRuntime):
         self._stub = worker_pb2_grpc.WorkerAgentStub(self._channel)
         self._pending_seals: list[grpc.Future] = []
         self._recovering = False
+        self._watcher: threading.Thread | None = None
+        self._closing = threading.Event()
         try:
             reply = self._stub.Register(
                 worker_pb2.RegisterRequest(local_rank=slot, pid=os.getpid(), import_s=import_s),
@@ -117,6 +123,26 @@ class AgentRuntime(WorkerRuntime):
     def pending_generation(self) -> bool:
         return self._control.get("target_generation") > self._assignment.generation
 
+    def watch_generation(self, callback: Callable[[int], None]) -> None:
+        if self._watcher is not None:
+            raise RuntimeError("watch_generation was called twice; one watcher per runtime")
+        self._watcher = threading.Thread(target=self._watch, args=(callback,), name="resilient-gen-watch",
+                                         daemon=True)
+        self._watcher.start()
+
+    def _watch(self, callback: Callable[[int], None]) -> None:
+        seen = self._control.get("target_generation")
+        while not self._closing.is_set():
+            if seen > self.assignment().generation:
+                try:
+                    callback(seen)
+                except Exception:  # noqa: BLE001 - a watcher that dies would leave the worker to the timeouts
+                    log.exception("the generation watcher's callback failed for generation %d", seen)
+            target = self._control.wait_target(seen, WATCH_RECHECK_S)
+            while target == seen and not self._closing.is_set():
+                target = self._control.wait_target(seen, WATCH_RECHECK_S)
+            seen = target
+
     def should_stop(self) -> bool:
         return self._control.get("stop_requested") != 0
 
@@ -184,5 +210,9 @@ class AgentRuntime(WorkerRuntime):
     def close(self) -> None:
         self.flush()
         self._control.set_state("done")
+        self._closing.set()
+        if self._watcher is not None:
+            self._control.wake_target()
+            self._watcher.join(WATCH_RECHECK_S + 1.0)
         self._channel.close()
         self._control.close()

@@ -12,13 +12,15 @@ The decorator (``resilient.elastic``) talks only to a ``WorkerRuntime``. Impleme
 Generations: a generation is one frozen assignment of ranks. ``pending_generation()`` is a cheap check
 (no syscall beyond a shared-memory read) that the step loop makes at every step boundary; when it is
 true, or when a collective fails, the decorator tears the process group down and calls
-``wait_for_generation``.
+``wait_for_generation``. ``watch_generation`` learns of an announcement at once, from a thread, so that the
+decorator can fail collectives blocked on a peer that is gone.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class WorkerRuntime(abc.ABC):
     @abc.abstractmethod
     def pending_generation(self) -> bool:
         """True when the agent announced a generation newer than the one this worker runs in."""
+
+    def watch_generation(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(target_generation)`` from a background thread as soon as the agent announces a
+        generation newer than the one this worker runs in (at every later announcement too). By default
+        nothing: a runtime without an agent announces generations only where the worker looks for them."""
 
     @abc.abstractmethod
     def should_stop(self) -> bool:

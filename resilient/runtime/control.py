@@ -13,10 +13,13 @@ host, so the agent can compare the worker's beat time with its own clock.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
 import time
+
+from resilient.runtime import futex
 
 MAGIC = 0x5245534C43544C31  # "RESLCTL1"
 VERSION = 1
@@ -46,6 +49,12 @@ class ControlBlock:
     def __init__(self, path: str, mm: mmap.mmap) -> None:
         self.path = path
         self._mm = mm
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(mm)  # the mapping's address, for futexes
+
+    def _address(self, name: str) -> int:
+        if self._anchor is None:
+            raise ValueError(f"control block {self.path} is closed")
+        return ctypes.addressof(self._anchor) + _OFFSET[name]  # little-endian: the low 32 bits come first
 
     @classmethod
     def create(cls, path: str, generation: int) -> "ControlBlock":
@@ -94,7 +103,26 @@ class ControlBlock:
     def set_state(self, state: str) -> None:
         self.set("state", STATE_CODE[state])
 
+    def wait_target(self, seen: int, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for ``target_generation`` to differ from ``seen``; its value."""
+        futex.wait(self._address("target_generation"), seen, timeout)
+        return self.get("target_generation")
+
+    def wake_target(self) -> None:
+        """Wake this process's own ``wait_target`` callers (used to stop a watcher)."""
+        futex.wake(self._address("target_generation"))
+
     # --- agent side ----------------------------------------------------------------------------
+    def set_target(self, generation: int) -> None:
+        """Point the worker at ``generation`` and wake its generation watcher."""
+        self.set("target_generation", generation)
+        futex.wake(self._address("target_generation"))
+
+    def raise_target(self, generation: int) -> None:
+        """``set_target`` unless the target is already at ``generation`` or beyond."""
+        if generation > self.get("target_generation"):
+            self.set_target(generation)
+
     def beat_age(self, now_ns: int | None = None) -> float:
         """Seconds since the worker's last beat."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
@@ -107,6 +135,7 @@ class ControlBlock:
         return {name: self.get(name) for name in FIELDS}
 
     def close(self) -> None:
+        self._anchor = None  # an exported buffer keeps the mapping from closing
         try:
             self._mm.close()
         except (BufferError, ValueError):

@@ -326,3 +326,71 @@ def test_a_sealed_snapshot_reports_its_stall_to_the_agent_metric(tmp_path):
         runtime.close()
         server.stop(grace=None)
         control.unlink()
+
+
+def _closed_agent(status: str, handles: dict, finished: set):
+    """The agent's close handling alone (a NodeAgent without its processes: a FakeKV holding the close record)."""
+    from types import SimpleNamespace
+
+    from resilient.agent.agent import NodeAgent
+    from resilient.agent.hub import WorkerHub
+    from resilient.etcd.fake import FakeKV
+    from resilient.keys import JobKeys
+
+    agent = object.__new__(NodeAgent)
+    agent.kv, agent.keys, agent.hub = FakeKV(), JobKeys("j"), WorkerHub()
+    agent.kv.put(agent.keys.closed, json.dumps({"status": status, "reason": "node a finished"}).encode())
+    agent.handles = {slot: SimpleNamespace(alive=alive) for slot, alive in handles.items()}
+    agent.finished = finished
+    return agent
+
+
+def test_a_job_closed_while_this_nodes_workers_are_dead_ends_the_agent_at_once():
+    # the rest of the job finished while this node was cut off: its worker was killed as hung and no
+    # generation will restart it; the agent used to wait for it forever
+    import pytest
+
+    from resilient.agent.agent import _Exit
+
+    with pytest.raises(_Exit) as ended:
+        _closed_agent("succeeded", {0: False}, set())._on_closed()
+    assert ended.value.code == 0 and "job closed (succeeded" in ended.value.outcome
+    with pytest.raises(_Exit) as ended:
+        _closed_agent("unknown", {0: False}, set())._on_closed()
+    assert ended.value.code == 1
+
+
+def test_a_job_closed_while_this_nodes_workers_run_or_all_finished_waits_for_the_loop():
+    _closed_agent("succeeded", {0: True, 1: False}, {1})._on_closed()  # returns: the live worker finishes
+    _closed_agent("succeeded", {0: False}, {0})._on_closed()  # returns: the loop's success path takes over
+
+
+def test_a_failure_while_cut_off_from_etcd_still_starts_a_round_uncharged():
+    # the partition-host chaos scenario: the cut-off node's hung worker is killed; publishing the fault and
+    # charging the restart both fail (etcd unreachable); the agent used to crash here
+    import threading
+    from types import SimpleNamespace
+
+    from resilient.agent.agent import NodeAgent
+    from resilient.agent.metrics import AgentMetrics
+    from resilient.agent.waker import Waker
+    from resilient.errors import EtcdUnavailableError
+
+    class CutOff:
+        def publish_fault(self, *_a, **_k):
+            raise EtcdUnavailableError("etcd unreachable")
+
+        def consume_restart(self, _reason):
+            raise EtcdUnavailableError("etcd unreachable")
+
+    agent = object.__new__(NodeAgent)
+    agent.s = SimpleNamespace(node_id="h1")
+    agent.assignment = SimpleNamespace(generation=1)
+    agent.rdzv, agent.metrics, agent._wake = CutOff(), AgentMetrics(), Waker()
+    agent._round_lock, agent._round, agent._fault_gens = threading.Lock(), None, set()
+    agent.first_failure, agent.restarts, agent.handles, agent.finished = None, 0, {}, set()
+    worker = SimpleNamespace(rank=1, pid=4242, exitcode=-9, stopping=False, reaped=True, error_file="", hung=True)
+    agent._on_exit(0, worker)
+    assert agent._round is not None and agent._round.reason == "fault:h1", "the node recovers (rejoins)"
+    assert agent.restarts == 0, "nothing was charged"
+    assert agent.first_failure.rank == 1

@@ -1,11 +1,16 @@
 """Two nodes as two ``resilient-run`` agents against one etcd on loopback: a node joins a running job
-(scale-up), then a node is lost with its workers (SIGKILL of the agent); the job goes on and completes."""
+(scale-up), then a node is lost with its workers (SIGKILL of the agent); the job goes on and completes.
+And a node that freezes (every process SIGSTOPped, its connections left open): the survivor, blocked in a
+collective on the frozen worker, is released when its agent announces the generation without that node."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
+
+import psutil
 
 from tests.agent.conftest import SCRIPTS, step_done
 
@@ -38,3 +43,48 @@ def test_scale_up_then_node_loss(launch, etcd_server, tmp_path):
     world, _gen, step, _digest, _restored = (tmp_path / "done-0").read_text().split()
     assert (world, step) == ("1", "119")
     assert len([e for e in a.events("worker.start")]) == 1, "node a never restarted its worker"
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_a_frozen_node_releases_the_survivor_blocked_in_a_collective(launch, etcd_server, tmp_path):
+    # Node b freezes: its agent stops renewing its lease and its worker stops answering, but the worker's
+    # gloo connections stay open, so node a's worker waits in its all_reduce with nothing failing it. Hang
+    # detection is off and the group timeout is 300 s: only the announcement of the next generation can
+    # release it (collectives.abort), in-process, without a restart.
+    job = f"freeze-{uuid.uuid4().hex[:8]}"
+    common = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_server.endpoints[0],
+              "--rdzv-id", job, "--lease-ttl", "2", "--last-call", "0.5"]
+    args = [ELASTIC, "--steps", "150", "--sleep", "0.05", "--out", str(tmp_path)]
+    a = launch([*common, "--node-id", "node-a", *args], name="a")
+    a.wait_event(step_done(at_least=2, world_size=1), 120, "node a training alone")
+    b = launch([*common, "--node-id", "node-b", *args], name="b")
+    b.wait_event(step_done(at_least=3, world_size=2), 120, "node b training in the world of 2")
+    frozen = _tree(b.proc.pid)
+    try:
+        for p in frozen:
+            p.send_signal(signal.SIGSTOP)
+        t_freeze = time.monotonic()
+        shrunk = a.wait_event(lambda e: e["kind"] == "gen.formed" and "in_process" in e and e["world_size"] == 1
+                              and e["mono"] > t_freeze, 60, "a generation without the frozen node")
+        assert shrunk["in_process"] == [0], "node a's worker was alive and registered: it is kept"
+        resumed = a.wait_event(lambda e: step_done(world_size=1)(e) and e["mono"] > shrunk["mono"], 60,
+                               "node a training alone again (its worker released from the blocked collective)")
+        assert resumed["mono"] - t_freeze < 60, "released long before the 300 s group timeout"
+        aborted = [e for e in a.events("collectives.abort") if e["mono"] > t_freeze]
+        assert aborted and aborted[0]["target"] > aborted[0]["aborted_gen"] and aborted[0]["connections"] >= 1
+        recovered = [e for e in a.events("recover.begin") if e["mono"] > t_freeze]
+        assert recovered, "node a's worker recovered in-process"
+    finally:
+        for p in frozen:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert a.wait(240) == 0, a.output()
+    world, _gen, step, _digest, _restored = (tmp_path / "done-0").read_text().split()
+    assert (world, step) == ("1", "149")
+    assert len(a.events("worker.start")) == 1, "node a never restarted its worker"

@@ -89,3 +89,32 @@ def test_gloo_peer_loss_is_a_collective_failure_and_the_group_reforms(shm_dir):
     match = re.search(r"RECOVERED detect_s=([0-9.]+)", out0)
     assert match, out0
     assert float(match.group(1)) < 30  # seen from the closed connection, not a 60 s collective timeout
+
+
+def test_a_gloo_collective_blocked_on_a_stalled_peer_fails_when_the_generation_is_aborted(shm_dir):
+    """A peer that stops answering without closing its connections (SIGSTOP: a frozen host, a process the
+    kernel is still tearing down) fails nothing by itself; ``abort_collectives`` for a newer generation
+    releases the blocked all-reduce at once, and the group reforms over the same store."""
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    script = os.path.join(SCRIPTS, "pg_stalled_peer.py")
+    env = script_env(shm_dir)
+    procs = [
+        subprocess.Popen([sys.executable, script, str(server.port), str(r)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=REPO)
+        for r in (0, 1)
+    ]
+    try:
+        out0, err0 = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert procs[0].returncode == 0, f"stdout:\n{out0}\nstderr:\n{err0[-3000:]}"
+    match = re.search(r"RELEASED after_s=([0-9.]+) connections=(\d+) same_gen=(\d+)", out0)
+    assert match, out0
+    assert float(match.group(1)) < 20, "released by the abort, not by the 60 s group timeout"
+    assert int(match.group(2)) >= 1, "the group's connection to the peer was shut down"
+    assert int(match.group(3)) == 0, "an abort for the current generation does nothing"

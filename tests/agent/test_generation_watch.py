@@ -1,0 +1,106 @@
+"""The worker learns of a newer generation the moment its agent announces it: a futex on the control
+block's target generation (``ControlBlock.set_target`` / ``wait_target``) wakes the runtime's watcher
+thread, which calls the ``watch_generation`` callback (the decorator's: fail the old group's collectives)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from resilient.agent.hub import WorkerHub
+from resilient.agent.worker_service import WorkerService, serve
+from resilient.runtime import agent_client
+from resilient.runtime.agent_client import AgentRuntime
+from resilient.runtime.api import WorkerAssignment
+from resilient.runtime.control import ControlBlock
+
+NEVER_S = 60.0  # a wait this long only ends early when woken
+
+
+def _announce_from_another_process(path: str, generation: int, delay: float = 0.2) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: the agent's side
+        try:
+            time.sleep(delay)
+            ControlBlock.open(path).raise_target(generation)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def test_a_target_set_by_another_process_wakes_a_waiter_long_before_its_timeout(tmp_path):
+    control = ControlBlock.create(str(tmp_path / "control"), 1)
+    try:
+        pid = _announce_from_another_process(control.path, 2)
+        began = time.monotonic()
+        seen = control.wait_target(1, NEVER_S)
+        while seen == 1 and time.monotonic() - began < 10:  # a spurious return (a signal) waits again
+            seen = control.wait_target(1, NEVER_S)
+        os.waitpid(pid, 0)
+        assert seen == 2
+        assert time.monotonic() - began < 10, "woken by the announcement, not by the timeout"
+    finally:
+        control.unlink()
+
+
+def test_raise_target_never_lowers_it(tmp_path):
+    control = ControlBlock.create(str(tmp_path / "control"), 1)
+    try:
+        control.set_target(5)
+        control.raise_target(3)
+        assert control.get("target_generation") == 5
+        control.raise_target(6)
+        assert control.get("target_generation") == 6
+    finally:
+        control.unlink()
+
+
+def _assignment(gen: int) -> WorkerAssignment:
+    return WorkerAssignment(generation=gen, rank=0, local_rank=0, world_size=1, local_world_size=1, group_rank=0,
+                            master_addr="127.0.0.1", master_port=1, restart_count=0, job_id="j", node_id="n")
+
+
+class _NoSnapshots:
+    def committed_step(self):
+        return None
+
+
+def test_the_runtime_watcher_calls_back_once_per_announced_generation(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent_client, "WATCH_RECHECK_S", NEVER_S)  # only a wake-up can be in time
+    hub = WorkerHub()
+    hub.publish(1, {0: _assignment(1)})
+    sock = str(tmp_path / "agent.sock")
+    server = serve(WorkerService(hub, _NoSnapshots), sock, max_workers=4)
+    control = ControlBlock.create(str(tmp_path / "control"), 1)
+    runtime = AgentRuntime(sock, control.path, 0)
+    calls: list[int] = []
+    called = threading.Condition()
+
+    def callback(target: int) -> None:
+        with called:
+            calls.append(target)
+            called.notify_all()
+
+    def wait_calls(n: int) -> list[int]:
+        with called:
+            assert called.wait_for(lambda: len(calls) >= n, timeout=10), f"calls so far: {calls}"
+            return list(calls)
+
+    try:
+        runtime.watch_generation(callback)
+        time.sleep(0.1)
+        assert calls == [], "no announcement, no call"
+        pid = _announce_from_another_process(control.path, 2)
+        assert wait_calls(1) == [2]
+        os.waitpid(pid, 0)
+        control.raise_target(2)  # the same generation again: no new call
+        control.raise_target(3)
+        assert wait_calls(2) == [2, 3]
+        watcher = runtime._watcher
+    finally:
+        began = time.monotonic()
+        runtime.close()
+        server.stop(grace=None)
+        control.unlink()
+    assert not watcher.is_alive() and time.monotonic() - began < NEVER_S / 2, "close wakes the watcher"
