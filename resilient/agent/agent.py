@@ -392,9 +392,12 @@ class NodeAgent:
         return rnd
 
     def _announce_pending(self, generation: int) -> None:
-        """Tell registered workers a new generation is coming: they stop at the next step boundary."""
+        """Tell the workers a new generation is coming: they stop at the next step boundary, and their
+        collectives of the old one fail now. Workers not registered yet too: one still starting reads the
+        target before it forms its group (a worker spawned for a generation that ended during the hand-off
+        otherwise waited for peers that had left, for the whole group timeout)."""
         for h in list(self.handles.values()):
-            if h.alive and h.registered:
+            if h.alive:
                 h.control.raise_target(generation + 1)
 
     def _on_round(self, rnd: _Round) -> None:

@@ -394,3 +394,24 @@ def test_a_failure_while_cut_off_from_etcd_still_starts_a_round_uncharged():
     assert agent._round is not None and agent._round.reason == "fault:h1", "the node recovers (rejoins)"
     assert agent.restarts == 0, "nothing was charged"
     assert agent.first_failure.rank == 1
+
+
+def test_a_pending_generation_is_announced_to_workers_still_starting(tmp_path):
+    # a worker spawned for a generation that ended during the hand-off has not registered yet; it must
+    # still learn that its generation is over, or it waits in the gather for peers that left
+    from types import SimpleNamespace
+
+    from resilient.agent.agent import NodeAgent
+    from resilient.runtime.control import ControlBlock
+
+    agent = object.__new__(NodeAgent)
+    starting = ControlBlock.create(str(tmp_path / "control-0"), 3)
+    running = ControlBlock.create(str(tmp_path / "control-1"), 3)
+    try:
+        agent.handles = {0: SimpleNamespace(alive=True, registered=False, control=starting),
+                         1: SimpleNamespace(alive=True, registered=True, control=running)}
+        agent._announce_pending(3)
+        assert starting.get("target_generation") == 4 and running.get("target_generation") == 4
+    finally:
+        starting.unlink()
+        running.unlink()
