@@ -135,16 +135,17 @@ class DeathWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            with self._lock:
-                watched = list(self._fds.items())
-            for pid, fd in watched:
-                try:
-                    stat = os.pread(fd, 1024, 0)
-                except OSError:
-                    stat = b""  # reaped: the descriptor outlived the process
-                if stat and exit_status(stat) is None:
-                    continue
-                self.forget(pid)
+            dying = []
+            with self._lock:  # read under the lock: a descriptor forgotten meanwhile may be reused by then
+                for pid, fd in list(self._fds.items()):
+                    try:
+                        stat = os.pread(fd, 4096, 0)
+                    except OSError:
+                        stat = b""  # reaped: the descriptor outlived the process
+                    if not stat or exit_status(stat) is not None:
+                        dying.append(pid)
+                        os.close(self._fds.pop(pid))
+            for pid in dying:
                 self._on_dying(pid)
 
     def close(self) -> None:

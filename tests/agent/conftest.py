@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import contextlib
 import subprocess
 import sys
 import time
@@ -66,6 +67,37 @@ class Launched:
                 pass
             self.proc.wait(10)
         self._log.close()
+
+
+@contextlib.contextmanager
+def agent_runtime(tmp_path: pathlib.Path, snapshots, **service_kw):
+    """A worker's ``AgentRuntime`` against a real ``WorkerService`` (no agent process): yields
+    ``(hub, control, runtime)`` with slot 0 assigned generation 1."""
+    from resilient.agent.hub import WorkerHub
+    from resilient.agent.worker_service import WorkerService, serve
+    from resilient.runtime.agent_client import AgentRuntime
+    from resilient.runtime.control import ControlBlock
+
+    hub = WorkerHub()
+    hub.publish(1, {0: one_rank_assignment(1)})
+    sock = str(tmp_path / "agent.sock")
+    server = serve(WorkerService(hub, snapshots, **service_kw), sock, max_workers=4)
+    control = ControlBlock.create(str(tmp_path / "control"), 1)
+    runtime = AgentRuntime(sock, control.path, 0)
+    try:
+        yield hub, control, runtime
+    finally:
+        runtime.close()
+        server.stop(grace=None)
+        control.unlink()
+
+
+def one_rank_assignment(generation: int):
+    from resilient.runtime.api import WorkerAssignment
+
+    return WorkerAssignment(generation=generation, rank=0, local_rank=0, world_size=1, local_world_size=1,
+                            group_rank=0, master_addr="127.0.0.1", master_port=1, restart_count=0, job_id="j",
+                            node_id="n")
 
 
 def worker_pids(run: Launched, rank: int) -> list[int]:

@@ -8,12 +8,9 @@ import os
 import threading
 import time
 
-from resilient.agent.hub import WorkerHub
-from resilient.agent.worker_service import WorkerService, serve
 from resilient.runtime import agent_client
-from resilient.runtime.agent_client import AgentRuntime
-from resilient.runtime.api import WorkerAssignment
 from resilient.runtime.control import ControlBlock
+from tests.agent.conftest import agent_runtime
 
 NEVER_S = 60.0  # a wait this long only ends early when woken
 
@@ -56,11 +53,6 @@ def test_raise_target_never_lowers_it(tmp_path):
         control.unlink()
 
 
-def _assignment(gen: int) -> WorkerAssignment:
-    return WorkerAssignment(generation=gen, rank=0, local_rank=0, world_size=1, local_world_size=1, group_rank=0,
-                            master_addr="127.0.0.1", master_port=1, restart_count=0, job_id="j", node_id="n")
-
-
 class _NoSnapshots:
     def committed_step(self):
         return None
@@ -68,12 +60,6 @@ class _NoSnapshots:
 
 def test_the_runtime_watcher_calls_back_once_per_announced_generation(tmp_path, monkeypatch):
     monkeypatch.setattr(agent_client, "WATCH_RECHECK_S", NEVER_S)  # only a wake-up can be in time
-    hub = WorkerHub()
-    hub.publish(1, {0: _assignment(1)})
-    sock = str(tmp_path / "agent.sock")
-    server = serve(WorkerService(hub, _NoSnapshots), sock, max_workers=4)
-    control = ControlBlock.create(str(tmp_path / "control"), 1)
-    runtime = AgentRuntime(sock, control.path, 0)
     calls: list[int] = []
     called = threading.Condition()
 
@@ -87,7 +73,7 @@ def test_the_runtime_watcher_calls_back_once_per_announced_generation(tmp_path, 
             assert called.wait_for(lambda: len(calls) >= n, timeout=10), f"calls so far: {calls}"
             return list(calls)
 
-    try:
+    with agent_runtime(tmp_path, _NoSnapshots) as (_hub, control, runtime):
         runtime.watch_generation(callback)
         time.sleep(0.1)
         assert calls == [], "no announcement, no call"
@@ -98,9 +84,5 @@ def test_the_runtime_watcher_calls_back_once_per_announced_generation(tmp_path, 
         control.raise_target(3)
         assert wait_calls(2) == [2, 3]
         watcher = runtime._watcher
-    finally:
         began = time.monotonic()
-        runtime.close()
-        server.stop(grace=None)
-        control.unlink()
     assert not watcher.is_alive() and time.monotonic() - began < NEVER_S / 2, "close wakes the watcher"

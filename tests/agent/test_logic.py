@@ -12,6 +12,7 @@ from resilient.agent import hang
 from resilient.agent.summary import Failure, render
 from resilient.agent.worker_env import AgentPaths, worker_environment
 from resilient.runtime.api import WorkerAssignment
+from tests.agent.conftest import agent_runtime, one_rank_assignment
 
 S = 1_000_000_000
 
@@ -257,75 +258,37 @@ def test_a_segment_grown_for_a_larger_snapshot_keeps_the_committed_copy(tmp_path
             seg.close()
 
 
+class _NoSnapshots:
+    def committed_step(self):
+        return None
+
+    def on_sealed(self, rank, step, generation, nbytes):
+        return None
+
+
 def test_the_hang_clock_stays_off_from_recovery_until_the_first_beat_of_the_step_loop(tmp_path):
-    from resilient.agent.hub import WorkerHub
-    from resilient.agent.worker_service import WorkerService, serve
-    from resilient.runtime.agent_client import AgentRuntime
-    from resilient.runtime.control import ControlBlock
-
-    class NoSnapshots:
-        def committed_step(self):
-            return None
-
-    def assignment(gen):
-        return WorkerAssignment(generation=gen, rank=0, local_rank=0, world_size=1, local_world_size=1, group_rank=0,
-                                master_addr="127.0.0.1", master_port=1, restart_count=0, job_id="j", node_id="n")
-
-    hub = WorkerHub()
-    hub.publish(1, {0: assignment(1)})
-    sock = str(tmp_path / "agent.sock")
-    server = serve(WorkerService(hub, NoSnapshots), sock, max_workers=4)
-    control = ControlBlock.create(str(tmp_path / "control"), 1)
-    runtime = AgentRuntime(sock, control.path, 0)
-    try:
+    with agent_runtime(tmp_path, _NoSnapshots) as (hub, control, runtime):
         runtime.beat(3)
-        hub.publish(2, {0: assignment(2)})
+        hub.publish(2, {0: one_rank_assignment(2)})
         assert runtime.wait_for_generation(after=1, timeout=10).generation == 2
         # process-group set-up and restore run now: the worker is still "recovering", never hung
         assert control.state() == "recovering"
         assert not _decide(state=control.state(), beats=control.get("beats")).hung
         runtime.beat(3)  # top of the step loop
         assert control.state() == "running"
-    finally:
-        runtime.close()
-        server.stop(grace=None)
-        control.unlink()
 
 
 def test_a_sealed_snapshot_reports_its_stall_to_the_agent_metric(tmp_path):
-    from resilient.agent.hub import WorkerHub
     from resilient.agent.metrics import AgentMetrics
-    from resilient.agent.worker_service import WorkerService, serve
-    from resilient.runtime.agent_client import AgentRuntime
-    from resilient.runtime.control import ControlBlock
 
-    class Snapshots:
-        def committed_step(self):
-            return None
-
-        def on_sealed(self, rank, step, generation, nbytes):
-            return None
-
-    hub = WorkerHub()
-    hub.publish(1, {0: WorkerAssignment(generation=1, rank=0, local_rank=0, world_size=1, local_world_size=1,
-                                        group_rank=0, master_addr="127.0.0.1", master_port=1, restart_count=0,
-                                        job_id="j", node_id="n")})
     metrics = AgentMetrics()
-    sock = str(tmp_path / "agent.sock")
-    server = serve(WorkerService(hub, Snapshots, on_stall=metrics.snapshot_stall.observe), sock, max_workers=4)
-    control = ControlBlock.create(str(tmp_path / "control"), 1)
-    runtime = AgentRuntime(sock, control.path, 0)
-    try:
+    with agent_runtime(tmp_path, _NoSnapshots, on_stall=metrics.snapshot_stall.observe) as (_hub, _control, runtime):
         runtime.sealed(1, 1, 100, stall_s=0.25)
         runtime.sealed(2, 1, 100)  # not measured: not observed
         runtime.flush()
         count = metrics.registry.get_sample_value("resilient_snapshot_stall_seconds_count")
         total = metrics.registry.get_sample_value("resilient_snapshot_stall_seconds_sum")
         assert (count, total) == (1.0, 0.25)
-    finally:
-        runtime.close()
-        server.stop(grace=None)
-        control.unlink()
 
 
 def _closed_agent(status: str, handles: dict, finished: set):

@@ -17,17 +17,22 @@ from tests.agent.conftest import SCRIPTS, step_done
 ELASTIC = str(SCRIPTS / "elastic_train.py")
 
 
-def test_scale_up_then_node_loss(launch, etcd_server, tmp_path):
-    job = f"two-{uuid.uuid4().hex[:8]}"
+def _a_then_b(launch, etcd_server, tmp_path, *, job: str, steps: int, sleep: float):
+    """Node a trains alone, then node b joins (1:2 nodes, one worker each); returns both once each trains in
+    the world of 2."""
     common = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_server.endpoints[0],
-              "--rdzv-id", job, "--lease-ttl", "2", "--last-call", "0.5"]
-    args = [ELASTIC, "--steps", "120", "--sleep", "0.1", "--out", str(tmp_path)]
+              "--rdzv-id", f"{job}-{uuid.uuid4().hex[:8]}", "--lease-ttl", "2", "--last-call", "0.5"]
+    args = [ELASTIC, "--steps", str(steps), "--sleep", str(sleep), "--out", str(tmp_path)]
     a = launch([*common, "--node-id", "node-a", *args], name="a")
     a.wait_event(step_done(at_least=3, world_size=1), 120, "node a training alone")
-
     b = launch([*common, "--node-id", "node-b", *args], name="b")
     a.wait_event(step_done(at_least=0, world_size=2), 120, "world size 2 on node a")
     b.wait_event(step_done(at_least=0, world_size=2), 60, "world size 2 on node b")
+    return a, b
+
+
+def test_scale_up_then_node_loss(launch, etcd_server, tmp_path):
+    a, b = _a_then_b(launch, etcd_server, tmp_path, job="two", steps=120, sleep=0.1)
     grown = [e for e in a.events("gen.formed") if "in_process" in e and e["world_size"] == 2]
     assert grown and grown[0]["in_process"] == [0], "node a's worker joins the bigger world in-process"
     first_b = min(e["step"] for e in b.events("step.done"))
@@ -55,14 +60,9 @@ def test_a_frozen_node_releases_the_survivor_blocked_in_a_collective(launch, etc
     # gloo connections stay open, so node a's worker waits in its all_reduce with nothing failing it. Hang
     # detection is off and the group timeout is 300 s: only the announcement of the next generation can
     # release it (collectives.abort), in-process, without a restart.
-    job = f"freeze-{uuid.uuid4().hex[:8]}"
-    common = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_server.endpoints[0],
-              "--rdzv-id", job, "--lease-ttl", "2", "--last-call", "0.5"]
-    args = [ELASTIC, "--steps", "150", "--sleep", "0.05", "--out", str(tmp_path)]
-    a = launch([*common, "--node-id", "node-a", *args], name="a")
-    a.wait_event(step_done(at_least=2, world_size=1), 120, "node a training alone")
-    b = launch([*common, "--node-id", "node-b", *args], name="b")
-    b.wait_event(step_done(at_least=3, world_size=2), 120, "node b training in the world of 2")
+    a, b = _a_then_b(launch, etcd_server, tmp_path, job="freeze", steps=150, sleep=0.05)
+    first_b = min(e["step"] for e in b.events("step.done"))
+    b.wait_event(step_done(at_least=first_b + 2, world_size=2), 60, "node b training in the world of 2")
     frozen = _tree(b.proc.pid)
     try:
         for p in frozen:

@@ -63,27 +63,33 @@ def test_torchrun_mode_completes_and_warns_once_per_rank(shm_dir):
     assert os.listdir(shm_dir) == []  # no snapshots under plain torchrun
 
 
-def test_gloo_peer_loss_is_a_collective_failure_and_the_group_reforms(shm_dir):
-    """Agent-style bootstrap: a TCPStore server here (as the group-rank-0 agent hosts it), two workers
-    using per-generation prefixes; one is SIGKILLed mid-run, the other recovers in-process."""
+def _two_pg_workers(script: str, shm_dir, *, wait_rank1: bool):
+    """Ranks 0 and 1 of ``script`` over a TCPStore hosted here (as the group-rank-0 agent hosts it); rank 0
+    run to its end (its stdout and stderr returned), rank 1 waited for or killed."""
     import torch.distributed as dist
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    script = os.path.join(SCRIPTS, "pg_peer_loss.py")
-    env = script_env(shm_dir)
     procs = [
-        subprocess.Popen([sys.executable, script, str(server.port), str(r)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=REPO)
+        subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script), str(server.port), str(r)],
+                         env=script_env(shm_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         for r in (0, 1)
     ]
     try:
         out0, err0 = procs[0].communicate(timeout=120)
-        procs[1].wait(timeout=30)
+        if wait_rank1:
+            procs[1].wait(timeout=30)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    return procs, out0, err0
+
+
+def test_gloo_peer_loss_is_a_collective_failure_and_the_group_reforms(shm_dir):
+    """Agent-style bootstrap: a TCPStore server here (as the group-rank-0 agent hosts it), two workers
+    using per-generation prefixes; one is SIGKILLed mid-run, the other recovers in-process."""
+    procs, out0, err0 = _two_pg_workers("pg_peer_loss.py", shm_dir, wait_rank1=True)
     assert procs[1].returncode == -9
     assert procs[0].returncode == 0, f"stdout:\n{out0}\nstderr:\n{err0[-3000:]}"
     match = re.search(r"RECOVERED detect_s=([0-9.]+)", out0)
@@ -95,23 +101,7 @@ def test_a_gloo_collective_blocked_on_a_stalled_peer_fails_when_the_generation_i
     """A peer that stops answering without closing its connections (SIGSTOP: a frozen host, a process the
     kernel is still tearing down) fails nothing by itself; ``abort_collectives`` for a newer generation
     releases the blocked all-reduce at once, and the group reforms over the same store."""
-    import torch.distributed as dist
-
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    script = os.path.join(SCRIPTS, "pg_stalled_peer.py")
-    env = script_env(shm_dir)
-    procs = [
-        subprocess.Popen([sys.executable, script, str(server.port), str(r)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=REPO)
-        for r in (0, 1)
-    ]
-    try:
-        out0, err0 = procs[0].communicate(timeout=120)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    procs, out0, err0 = _two_pg_workers("pg_stalled_peer.py", shm_dir, wait_rank1=False)
     assert procs[0].returncode == 0, f"stdout:\n{out0}\nstderr:\n{err0[-3000:]}"
     match = re.search(r"RELEASED after_s=([0-9.]+) connections=(\d+) same_gen=(\d+)", out0)
     assert match, out0

@@ -14,24 +14,15 @@ import signal
 import sys
 import threading
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from _pg_worker import init, reform_alone, seconds_until_collective_failure
 
 from resilient.elastic import distributed
-from resilient.runtime.api import WorkerAssignment
 
 port, rank = int(sys.argv[1]), int(sys.argv[2])
-
-
-def assignment(generation: int, rank: int, world_size: int) -> WorkerAssignment:
-    return WorkerAssignment(generation, rank, rank, world_size, world_size, 0, "127.0.0.1", port, generation, "t", "n")
-
-
-cpu = torch.device("cpu")
-timeout = timedelta(seconds=60)
-distributed.init(assignment(0, rank, 2), rendezvous="agent", backend="gloo", device=cpu, timeout=timeout)
+init(port, 0, rank, 2)
 t = torch.ones(1 << 16)
 same_gen = distributed.abort_collectives(0)  # generation 0 is current: not over
 result: dict = {}
@@ -42,27 +33,16 @@ def abort_later() -> None:
     result["connections"] = distributed.abort_collectives(1)
 
 
-began = None
-try:
-    for i in range(4):
-        if rank == 1 and i == 3:
-            os.kill(os.getpid(), signal.SIGSTOP)
-        if i == 3:
-            threading.Thread(target=abort_later, daemon=True).start()
-        began = time.monotonic()
-        dist.all_reduce(t)
-    print("NO FAILURE", flush=True)
-    sys.exit(3)
-except Exception as exc:  # noqa: BLE001 - the test prints what it caught
-    after = time.monotonic() - began
-    if not distributed.is_collective_failure(exc):
-        print(f"NOT A COLLECTIVE FAILURE: {type(exc).__name__}: {exc}", flush=True)
-        sys.exit(4)
-distributed.teardown(abort=True)
-distributed.init(assignment(1, 0, 1), rendezvous="agent", backend="gloo", device=cpu, timeout=timeout)
-x = torch.full((4,), 2.0)
-dist.all_reduce(x)
-assert dist.get_world_size() == 1 and x.tolist() == [2.0] * 4
+def step(i: int) -> None:
+    if rank == 1 and i == 3:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if i == 3:
+        threading.Thread(target=abort_later, daemon=True).start()
+    dist.all_reduce(t)
+
+
+after = seconds_until_collective_failure(step, 4)
+reform_alone(port)
 assert distributed.abort_collectives(5) == 0, "generation 1's group is a world of one: no connections"
 distributed.teardown(abort=False)
 print(f"RELEASED after_s={after:.3f} connections={result.get('connections')} same_gen={same_gen}", flush=True)
