@@ -22,10 +22,6 @@ import os
 import threading
 from typing import Callable
 
-from resilient.logs import get_logger
-
-log = get_logger(__name__)
-
 PF_EXITING = 0x4
 _FLAGS_FIELD = 9  # numbering of proc(5): 1 pid, 2 comm, 3 state, ...
 _EXIT_CODE_FIELD = 52

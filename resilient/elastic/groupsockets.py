@@ -20,10 +20,6 @@ import os
 import socket
 import threading
 
-from resilient import logs
-
-log = logs.get_logger(__name__)
-
 _FD_DIR = "/proc/self/fd"
 
 

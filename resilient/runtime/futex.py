@@ -45,15 +45,17 @@ def wait(address: int, expected: int, timeout: float) -> None:
         time.sleep(timeout)
         return
     ts = _Timespec(int(timeout), int((timeout - int(timeout)) * 1e9))
-    _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, _as_int32(expected), ctypes.byref(ts),
-                  None, 0)
+    # syscall(2) is variadic and reads every argument as a long: pass longs, never ctypes' default int
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_long(_FUTEX_WAIT),
+                  ctypes.c_long(_as_int32(expected)), ctypes.byref(ts), ctypes.c_void_p(None), ctypes.c_long(0))
 
 
 def wake(address: int) -> int:
     """Wake every waiter on the word at ``address`` (in any process mapping the same file); their number."""
     if _SYS_FUTEX is None:
         return 0
-    woken = _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, _WAKE_ALL, None, None, 0)
+    woken = _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_long(_FUTEX_WAKE),
+                          ctypes.c_long(_WAKE_ALL), ctypes.c_void_p(None), ctypes.c_void_p(None), ctypes.c_long(0))
     if woken < 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     return woken
