@@ -152,5 +152,5 @@ def _no_leftovers():
     if os.path.isdir("/dev/shm"):
         reclaim_stale_run_dirs("/dev/shm")
     for job in {seg.job for seg in list_segments() if not seg.owner_alive}:
-        if job.startswith(("standalone-", "two-")):
+        if job.startswith(("standalone-", "two-", "freeze-")):
             reclaim_stale(job=job)
