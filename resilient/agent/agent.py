@@ -183,6 +183,7 @@ class NodeAgent:
         self.restarts = 0
         self.restart_count = 0
         self.finished: set[int] = set()  # slots whose worker exited 0 in the current generation
+        self._closed: tuple[str, str] | None = None  # (status, reason) once the job is closed
         self._round: _Round | None = None
         self._round_lock = threading.Lock()
         self._wake = Waker()  # not a threading.Event: signal handlers set it (see waker.py)
@@ -348,10 +349,20 @@ class NodeAgent:
                 continue
             self._check_hangs()
             self._track_progress()
-            if self.handles and all(not h.alive for h in self.handles.values()) and \
-                    len(self.finished) == len(self.handles):
-                return self._succeeded()
+            ended = self._ended()
+            if ended is not None:
+                return ended
             self._wake.wait(interval)
+
+    def _ended(self) -> tuple[int, str] | None:
+        """The agent's exit once none of this node's workers runs: succeeded when all finished; the closed
+        job's outcome when some failed and no generation will restart them (the rest of the job finished
+        while this node was cut off, say); None while a worker runs or a generation may still form."""
+        if not self.handles or any(h.alive for h in self.handles.values()):
+            return None
+        if len(self.finished) == len(self.handles):
+            return self._succeeded()
+        return self._closed_exit(*self._closed) if self._closed is not None else None
 
     def _install_signals(self) -> None:
         # Handlers only set a flag and wake the loop: no logging or locks here (the main thread may hold the
@@ -409,15 +420,16 @@ class NodeAgent:
 
     def _on_closed(self) -> None:
         status, reason = self._closed_status()
-        self.hub.close(f"job {status}: {reason}")
+        self._job_closed(status, reason)
         if status == "failed":
             raise _Exit(EXIT_FAILED, f"failed: the job was closed as failed by another node ({reason})")
-        all_finished = bool(self.handles) and len(self.finished) == len(self.handles)
-        if not all_finished and not any(h.alive for h in self.handles.values()):
-            # nothing left to wait for: this node's workers failed (or were never started) and no generation
-            # will restart them (the rest of the job finished while this node was cut off, say)
-            raise _Exit(*self._closed_exit(status, reason))
         log.info("the job was closed as %s; waiting for this node's workers to finish", status)
+
+    def _job_closed(self, status: str, reason: str) -> None:
+        """No generation will form any more: workers waiting for one are told, and the monitor loop ends once
+        none of this node's workers runs (``_closed_exit``)."""
+        self._closed = (status, reason)
+        self.hub.close(f"job {status}: {reason}")
 
     @staticmethod
     def _closed_exit(status: str, reason: str) -> tuple[int, str]:
@@ -445,7 +457,7 @@ class NodeAgent:
             a = self.rdzv.join()
         except RendezvousClosedError as exc:
             status, why = self._closed_status()
-            self.hub.close(str(exc))
+            self._job_closed(status, why)
             if status in ("succeeded", "done") and any(h.alive for h in self.handles.values()):
                 log.info("the job finished elsewhere; letting this node's workers finish")
                 return
@@ -613,7 +625,8 @@ class NodeAgent:
         except EtcdUnavailableError as exc:
             # cut off from etcd (a partition, say): no generation forms without it either, so nothing restarts
             # uncounted while it lasts; the next generation is joined once etcd answers again
-            log.warning("could not charge the restart for generation %d (%s); recovering anyway, uncharged", gen, exc)
+            log.warning("could not charge the restart for generation %d (%s); recovering anyway, uncharged",
+                        gen, exc)
         self._announce_pending(gen)
         with self._round_lock:
             if self._round is None:

@@ -129,19 +129,23 @@ class DeathWatch:
         if fd is not None:
             os.close(fd)
 
+    def check(self) -> list[int]:
+        """One look at every watched process: those exiting with a failure (or gone), no longer watched."""
+        dying = []
+        with self._lock:  # read under the lock: a descriptor forgotten meanwhile may be reused by then
+            for pid, fd in list(self._fds.items()):
+                try:
+                    stat = os.pread(fd, 4096, 0)
+                except OSError:
+                    stat = b""  # reaped: the descriptor outlived the process
+                if not stat or exit_status(stat) is not None:
+                    dying.append(pid)
+                    os.close(self._fds.pop(pid))
+        return dying
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            dying = []
-            with self._lock:  # read under the lock: a descriptor forgotten meanwhile may be reused by then
-                for pid, fd in list(self._fds.items()):
-                    try:
-                        stat = os.pread(fd, 4096, 0)
-                    except OSError:
-                        stat = b""  # reaped: the descriptor outlived the process
-                    if not stat or exit_status(stat) is not None:
-                        dying.append(pid)
-                        os.close(self._fds.pop(pid))
-            for pid in dying:
+            for pid in self.check():
                 self._on_dying(pid)
 
     def close(self) -> None:

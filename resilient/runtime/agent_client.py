@@ -131,16 +131,15 @@ class AgentRuntime(WorkerRuntime):
         self._watcher.start()
 
     def _watch(self, callback: Callable[[int], None]) -> None:
-        seen = self._control.get("target_generation")
+        seen = None  # the target the callback last looked at
         while not self._closing.is_set():
-            if seen > self.assignment().generation:
+            target = self._control.get("target_generation") if seen is None else \
+                self._control.wait_target(seen, WATCH_RECHECK_S)
+            if target != seen and target > self.assignment().generation:
                 try:
-                    callback(seen)
+                    callback(target)
                 except Exception:  # noqa: BLE001 - a watcher that dies would leave the worker to the timeouts
-                    log.exception("the generation watcher's callback failed for generation %d", seen)
-            target = self._control.wait_target(seen, WATCH_RECHECK_S)
-            while target == seen and not self._closing.is_set():
-                target = self._control.wait_target(seen, WATCH_RECHECK_S)
+                    log.exception("the generation watcher's callback failed for generation %d", target)
             seen = target
 
     def should_stop(self) -> bool:

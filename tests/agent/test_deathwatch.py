@@ -14,6 +14,7 @@ import pytest
 from resilient.agent import deathwatch
 from resilient.agent.deathwatch import PF_EXITING, DeathWatch, exit_status, holds_device, parse_stat
 from resilient.agent.supervisor import WorkerHandle
+from resilient.testing.etcd import wait_until
 
 HOLD_BYTES = 1_500_000_000  # enough memory that the kernel needs a visible while to free it
 
@@ -57,27 +58,33 @@ def test_the_running_test_process_is_not_exiting():
     assert parse_stat(deathwatch.read_stat(os.getpid()))[1] & PF_EXITING == 0
 
 
-def _child_holding_memory(conn: socket.socket, extra=None) -> int:
+def _child_holding_memory() -> tuple[int, socket.socket]:
+    """A child holding HOLD_BYTES (its teardown takes a visible while) and the socket to it: the child exits
+    0 when a byte arrives on it, and its end closes when the kernel has torn it down."""
+    ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
+            ours.close()
             block = bytearray(HOLD_BYTES)
             for i in range(0, HOLD_BYTES, 4096):
                 block[i] = 1
-            if extra is not None:
-                extra()
-            conn.send(b"r")
-            time.sleep(120)
+            theirs.send(b"r")
+            theirs.recv(1)
         finally:
             os._exit(0)
-    return pid
+    theirs.close()
+    assert ours.recv(1) == b"r"
+    return pid, ours
+
+
+def _exited(pid: int) -> None:
+    """Block until ``pid`` has exited, without reaping it."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 
 
 def test_a_sigkilled_process_is_seen_dying_before_its_sockets_close_and_before_it_can_be_reaped():
-    ours, theirs = socket.socketpair()
-    pid = _child_holding_memory(theirs)
-    theirs.close()
-    assert ours.recv(1) == b"r"
+    pid, ours = _child_holding_memory()
     seen: dict[str, float] = {}
     dying = threading.Event()
 
@@ -91,8 +98,7 @@ def test_a_sigkilled_process_is_seen_dying_before_its_sockets_close_and_before_i
     watch = DeathWatch(on_dying, interval=0.002)
     watch.watch(pid)
     try:
-        time.sleep(0.05)
-        assert not dying.is_set(), "a running process is not reported"
+        assert watch.check() == [] and not dying.is_set(), "a running process is not reported"
         os.kill(pid, signal.SIGKILL)
         assert ours.recv(1) == b"", "the socket closes once the teardown is over"
         closed = time.monotonic()
@@ -111,47 +117,46 @@ def _handle(pid: int) -> WorkerHandle:
 
 
 def test_a_handle_counts_a_dying_worker_as_failed_and_reaps_it_when_the_teardown_ends():
-    ours, theirs = socket.socketpair()
-    pid = _child_holding_memory(theirs)
-    theirs.close()
-    assert ours.recv(1) == b"r"
+    pid, ours = _child_holding_memory()
     h = _handle(pid)
     assert h.poll() is None and h.alive
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while h.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert h.exitcode == -signal.SIGKILL and not h.alive
-    assert not h.reaped, "failed while the kernel still tears it down"
-    assert ours.recv(1) == b""
-    deadline = time.monotonic() + 10
-    while not h.reap() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert h.reaped and h.exitcode == -signal.SIGKILL
-    with pytest.raises(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    dying = threading.Event()
+    watch = DeathWatch(lambda _pid: dying.set(), interval=0.002)
+    watch.watch(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert dying.wait(5)
+        assert h.poll() == -signal.SIGKILL and not h.alive
+        assert not h.reaped, "failed while the kernel still tears it down"
+        assert ours.recv(1) == b""
+        _exited(pid)
+        assert h.reap() and h.reaped and h.exitcode == -signal.SIGKILL
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    finally:
+        watch.close()
 
 
 def test_a_clean_exit_is_reaped_not_foreseen():
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os._exit(0)
+    pid, ours = _child_holding_memory()
     h = _handle(pid)
-    deadline = time.monotonic() + 10
-    while h.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert h.exitcode == 0 and h.reaped
+    ours.send(b"x")  # exit 0, please
+    wait_until(lambda: parse_stat(deathwatch.read_stat(pid))[1] & PF_EXITING, 10, "the child exiting", 0.001)
+    # while its teardown runs, a clean exit is not foreseen: nothing, or (the teardown over already) reaped
+    assert h.poll() is None or h.reaped
+    _exited(pid)
+    assert h.poll() == 0 and h.reaped
 
 
 def test_a_process_holding_a_device_file_is_told_apart():
     # the accelerator check reads the process's descriptors: /dev/null stands in for /dev/nvidia0 here
     ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        fd = os.open("/dev/null", os.O_RDONLY)
+        os.open("/dev/null", os.O_RDONLY)
         os.write(ready_w, b"r")
-        time.sleep(60)
-        os.close(fd)
+        os.read(hold_r, 1)  # never written: blocks until killed
         os._exit(0)
     try:
         assert os.read(ready_r, 1) == b"r"
@@ -160,5 +165,5 @@ def test_a_process_holding_a_device_file_is_told_apart():
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        os.close(ready_r)
-        os.close(ready_w)
+        for fd in (ready_r, ready_w, hold_r, hold_w):
+            os.close(fd)

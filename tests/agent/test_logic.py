@@ -291,8 +291,9 @@ def test_a_sealed_snapshot_reports_its_stall_to_the_agent_metric(tmp_path):
         assert (count, total) == (1.0, 0.25)
 
 
-def _closed_agent(status: str, handles: dict, finished: set):
-    """The agent's close handling alone (a NodeAgent without its processes: a FakeKV holding the close record)."""
+def _closed_agent(status: str | None, handles: dict, finished: set):
+    """The agent's close handling alone (a NodeAgent without its processes: a FakeKV holding the close record
+    of ``status``, None: the job is not closed)."""
     from types import SimpleNamespace
 
     from resilient.agent.agent import NodeAgent
@@ -301,31 +302,46 @@ def _closed_agent(status: str, handles: dict, finished: set):
     from resilient.keys import JobKeys
 
     agent = object.__new__(NodeAgent)
-    agent.kv, agent.keys, agent.hub = FakeKV(), JobKeys("j"), WorkerHub()
-    agent.kv.put(agent.keys.closed, json.dumps({"status": status, "reason": "node a finished"}).encode())
+    agent.kv, agent.keys, agent.hub, agent._closed = FakeKV(), JobKeys("j"), WorkerHub(), None
+    if status is not None:
+        agent.kv.put(agent.keys.closed, json.dumps({"status": status, "reason": "node a finished"}).encode())
     agent.handles = {slot: SimpleNamespace(alive=alive) for slot, alive in handles.items()}
     agent.finished = finished
     return agent
 
 
-def test_a_job_closed_while_this_nodes_workers_are_dead_ends_the_agent_at_once():
+def test_a_job_closed_while_this_nodes_workers_are_dead_ends_the_agent():
     # the rest of the job finished while this node was cut off: its worker was killed as hung and no
     # generation will restart it; the agent used to wait for it forever
+    agent = _closed_agent("succeeded", {0: False}, set())
+    assert agent._ended() is None, "not closed yet: a generation may still restart the worker"
+    agent._on_closed()
+    assert agent.hub.wait(0, after=0, timeout=0).status == "closed", "workers waiting for a generation are told"
+    code, outcome = agent._ended()
+    assert code == 0 and outcome.startswith("job closed (succeeded")
+    unknown = _closed_agent("unknown", {0: False}, set())
+    unknown._on_closed()
+    assert unknown._ended()[0] == 1
+
+
+def test_a_job_closed_while_a_worker_of_this_node_runs_waits_for_it():
+    agent = _closed_agent("succeeded", {0: True, 1: False}, {1})
+    agent._on_closed()
+    assert agent._ended() is None, "the live worker finishes first"
+    agent.handles[0].alive = False
+    agent.finished.add(0)
+    agent._succeeded = lambda: (0, "succeeded")  # its exits (persist, leave) are not what this test is about
+    assert agent._ended() == (0, "succeeded"), "all finished: the loop's success path, not the close"
+
+
+def test_a_job_closed_as_failed_elsewhere_ends_the_agent_at_once():
     import pytest
 
     from resilient.agent.agent import _Exit
 
     with pytest.raises(_Exit) as ended:
-        _closed_agent("succeeded", {0: False}, set())._on_closed()
-    assert ended.value.code == 0 and "job closed (succeeded" in ended.value.outcome
-    with pytest.raises(_Exit) as ended:
-        _closed_agent("unknown", {0: False}, set())._on_closed()
+        _closed_agent("failed", {0: True}, set())._on_closed()
     assert ended.value.code == 1
-
-
-def test_a_job_closed_while_this_nodes_workers_run_or_all_finished_waits_for_the_loop():
-    _closed_agent("succeeded", {0: True, 1: False}, {1})._on_closed()  # returns: the live worker finishes
-    _closed_agent("succeeded", {0: False}, {0})._on_closed()  # returns: the loop's success path takes over
 
 
 def test_a_failure_while_cut_off_from_etcd_still_starts_a_round_uncharged():

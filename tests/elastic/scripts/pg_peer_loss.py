@@ -10,7 +10,6 @@ over the same store connection, and all-reduce there. It prints ``RECOVERED dete
 import os
 import signal
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,6 @@ def step(i: int) -> None:
     if rank == 1 and i == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     dist.all_reduce(t)
-    time.sleep(0.05)
 
 
 detect = seconds_until_collective_failure(step, 50)

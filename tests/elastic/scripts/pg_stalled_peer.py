@@ -4,8 +4,8 @@
 
 Generation 0 has world size 2. Rank 1 SIGSTOPs itself after three all-reduces: its connections stay open,
 so nothing fails rank 0's fourth all-reduce (the group timeout is 60 s). A thread of rank 0 first asks to
-abort for the current generation (nothing happens: it is not over), then, 0.5 s into the blocked
-all-reduce, for generation 1. Rank 0 must see a collective failure then, form generation 1 alone over the
+abort for the current generation (nothing happens: it is not over), then, once the main thread sleeps in
+the fourth all-reduce, for generation 1. Rank 0 must see a collective failure then, form generation 1 alone over the
 same store connection and all-reduce there. It prints ``RELEASED after_s=<s> connections=<n> same_gen=<n>``.
 """
 
@@ -13,23 +13,29 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import torch
 import torch.distributed as dist
 from _pg_worker import init, reform_alone, seconds_until_collective_failure
 
 from resilient.elastic import distributed
+from resilient.testing.etcd import wait_until
 
 port, rank = int(sys.argv[1]), int(sys.argv[2])
 init(port, 0, rank, 2)
 t = torch.ones(1 << 16)
 same_gen = distributed.abort_collectives(0)  # generation 0 is current: not over
 result: dict = {}
+main_tid = threading.get_native_id()
+
+
+def asleep_in_the_kernel() -> bool:
+    with open(f"/proc/self/task/{main_tid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "S"
 
 
 def abort_later() -> None:
-    time.sleep(0.5)
+    wait_until(asleep_in_the_kernel, 30, "rank 0 blocked in the all-reduce", 0.01)
     result["connections"] = distributed.abort_collectives(1)
 
 
