@@ -334,6 +334,17 @@ def test_a_job_closed_while_a_worker_of_this_node_runs_waits_for_it():
     assert agent._ended() == (0, "succeeded"), "all finished: the loop's success path, not the close"
 
 
+def test_a_worker_failing_after_the_close_ends_the_agent_once_none_runs():
+    # the close arrived while a worker ran (the agent waited for it); that worker then failed: no generation
+    # will restart it, and the agent leaves with the closed job's outcome instead of waiting forever
+    agent = _closed_agent("succeeded", {0: True}, set())
+    agent._on_closed()
+    assert agent._ended() is None
+    agent.handles[0].alive = False  # failed, not finished
+    code, outcome = agent._ended()
+    assert code == 0 and outcome.startswith("job closed (succeeded")
+
+
 def test_a_job_closed_as_failed_elsewhere_ends_the_agent_at_once():
     import pytest
 
