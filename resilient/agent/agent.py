@@ -33,7 +33,7 @@ from resilient.agent.metrics import AgentMetrics
 from resilient.agent.settings import AgentSettings
 from resilient.agent.snapshots import LocalSnapshots
 from resilient.agent.store_host import StoreHost, generation_env_port
-from resilient.agent.supervisor import Supervisor, WorkerHandle, describe_exit
+from resilient.agent.supervisor import Supervisor, WorkerHandle, describe_exit, pid_exists
 from resilient.agent.worker_env import AgentPaths, worker_environment
 from resilient.agent.worker_service import WorkerService, serve
 from resilient.agent.waker import Waker
@@ -78,21 +78,11 @@ def reclaim_stale_run_dirs(directory: str) -> list[str]:
         if not name.startswith(RUN_DIR_PREFIX):
             continue
         pid_text = name[len(RUN_DIR_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+        if not pid_text.isdigit() or pid_exists(int(pid_text)):
             continue
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         removed.append(name)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _job_token(job: str) -> bytes:

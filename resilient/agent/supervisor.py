@@ -80,7 +80,7 @@ class WorkerHandle:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
                 # not our child (should not happen): fall back to existence
-                if _exists(self.pid):
+                if pid_exists(self.pid):
                     return False
                 pid, status = self.pid, signal.SIGKILL
             if pid == 0:
@@ -106,7 +106,8 @@ class WorkerHandle:
                 pass
 
 
-def _exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

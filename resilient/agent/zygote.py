@@ -19,8 +19,8 @@ global RNGs (as a fresh process would have), and runs the script as ``__main__``
 **Standby**: a worker forked ahead of need. It waits on its own channel, keeps freed memory
 (``bootstrap.retain_heap``) and, told ``{"op": "warm", "bytes"}``, faults in heap until its anonymous
 memory reaches that many bytes (``warm_budget``: never into the last fifth of the host's memory) and
-frees it again (kept, and mapped); ``{"op": "run", <a fork request>}``
-turns it into that worker. A replacement worker then allocates its model and optimizer state from pages
+frees it again (kept, and mapped); a message arriving meanwhile ends the warm-up where it is;
+``{"op": "run", <a fork request>}`` turns it into that worker. A replacement worker then allocates its model and optimizer state from pages
 that are already there instead of page-faulting gigabytes on the recovery path; end of channel: it exits.
 
 ``ZygoteClient`` is the agent's side; ``Standby`` is the agent's handle of one standby.
@@ -33,6 +33,7 @@ import ctypes
 import json
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -163,10 +164,11 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def warm_heap(target: int) -> int:
+def warm_heap(target: int, stop: Callable[[], bool] | None = None) -> int:
     """Fault in heap until this process holds ``target`` bytes of anonymous memory (within
     ``warm_budget``), then free it: with ``bootstrap.retain_heap`` in force the pages stay mapped for the
-    next allocations. Returns the bytes faulted in (0 when there was nothing to do)."""
+    next allocations. ``stop()`` is asked after each piece: True ends the warm-up early (what was faulted
+    in stays). Returns the bytes faulted in (0 when there was nothing to do)."""
     mem = _meminfo()
     need = warm_budget(target, anon_bytes_of(os.getpid()), mem.get("MemAvailable"), mem.get("MemTotal"))
     if need <= 0:
@@ -183,6 +185,8 @@ def warm_heap(target: int) -> int:
             ctypes.memset(p, 0, WARM_PIECE)
             pieces.append(p)
             need -= WARM_PIECE
+            if stop is not None and stop():
+                break
     finally:
         for p in pieces:
             libc.free(p)
@@ -190,11 +194,16 @@ def warm_heap(target: int) -> int:
 
 
 def _standby_child(sock: socket.socket, chan: socket.socket, agent_pid: int) -> None:
-    """In a forked standby: wait for ``warm`` and ``run`` messages; never returns."""
+    """In a forked standby: wait for ``warm`` and ``run`` messages; never returns. A message arriving
+    while it warms ends the warm-up (a ``run`` must not wait for gigabytes of page faults)."""
     sock.close()
     _await_reparent(agent_pid)
     retained = bootstrap.retain_heap()
     buf = b""
+
+    def message_waiting() -> bool:
+        return b"\n" in buf or bool(select.select([chan], [], [], 0)[0])
+
     while True:
         try:
             chunk = chan.recv(1 << 16)
@@ -207,7 +216,7 @@ def _standby_child(sock: socket.socket, chan: socket.socket, agent_pid: int) -> 
             line, buf = buf.split(b"\n", 1)
             msg = json.loads(line)
             if msg.get("op") == "warm" and retained:
-                warm_heap(int(msg["bytes"]))
+                warm_heap(int(msg["bytes"]), stop=message_waiting)
             elif msg.get("op") == "run":
                 chan.close()
                 _become_worker(agent_pid, msg, how="standby")

@@ -48,6 +48,16 @@ def test_a_plain_fork_faults_every_page_in(tmp_path):
     assert probe["faults"] >= probe["pages"] * 9 // 10, probe
 
 
+def test_activating_a_standby_ends_its_warm_up_where_it_is(tmp_path):
+    """A standby told to warm to gigabytes and activated while it does starts the worker at once, not after
+    the whole warm-up: the worker starts holding far less than the warm-up's target."""
+    driver, probe = drive(tmp_path, "interrupt")
+    if driver["warm_target"] < 2 << 30:
+        pytest.skip(f"this host's memory caps a standby's warm-up at {driver['warm_target'] >> 20} MB")
+    assert driver["exitcode"] == 7 and probe["pid"] == driver["standby_pid"]
+    assert probe["anon_at_start"] < driver["warm_target"] // 2, (probe, driver)
+
+
 def test_an_unused_standby_exits_when_closed(tmp_path):
     driver, probe = drive(tmp_path, "close")
     assert driver["gone"] and probe is None
