@@ -99,6 +99,12 @@ def run_killed(launcher: str, job_args: list[str], *, kill_after: int, timeout: 
         next_steps.append(after[0])
     result["recovery_s"] = max(r[1] for r in next_steps) - t_kill
     result["steps_lost"] = max(0, max(before) + 1 - min(r[0] for r in next_steps))
+    # back where it was: every rank finished the first step beyond the last one any rank finished before the kill
+    # (recomputed steps included; None when the run ended before that step)
+    beyond = max(before) + 1
+    firsts = [next((r[1] for r in read_steps(out / f"steps-{rank}.txt") if r[1] > t_kill and r[0] >= beyond), None)
+              for rank in (0, 1)]
+    result["caught_up_s"] = None if None in firsts else max(firsts) - t_kill
     all_rows = read_steps(out / "steps-0.txt")
     stalls = [r[3] for r in all_rows if r[3] > 0]
     result["stall_s"] = max(stalls) if stalls else 0.0

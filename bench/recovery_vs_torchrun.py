@@ -12,6 +12,8 @@ Prints one JSON line: {"torchrun_recovery_s", "resilient_recovery_s", "ratio", "
 "resilient_steps_lost", "torchrun_stall_s", "resilient_stall_s", "params", ...}; ``resilient_phases``
 breaks the recovery down (detection, rendezvous, how the replacement started, and, from the job's own
 marks, when the slowest rank re-entered the train function, had built its model and had restored).
+``torchrun_caught_up_s`` / ``resilient_caught_up_s``: seconds from the kill until every rank finished the
+first step beyond the last one finished before the kill (the recovery plus the recomputed steps).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench._launch import resilient_phases, run_killed_retrying  # noqa: E402
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def main() -> None:
@@ -53,6 +59,10 @@ def main() -> None:
         "torchrun_steps_lost": t["steps_lost"],
         "resilient_steps_lost": r["steps_lost"],
         "torchrun_stall_s": round(t["stall_s"], 3),
+        # beside the issue's figure: seconds from the kill until the job is past the last step it had finished
+        # (torchrun recomputes the steps since its last save first)
+        "torchrun_caught_up_s": _round(t["caught_up_s"]),
+        "resilient_caught_up_s": _round(r["caught_up_s"]),
         "resilient_stall_s": phases["snapshot_stall_s"],
         "params": params,
         "state_bytes_per_rank": params * 4 * 3,
