@@ -181,6 +181,7 @@ class NodeAgent:
         self._fault_gens: set[int] = set()
         self._attempt = 0
         self._first_step_pending: tuple[float, int] | None = None  # (fault mono, generation)
+        self._leave_clocks: dict[int, hang.LeaveClock] = {}  # by pid: time had to leave an ended generation
         self._last_progress = -1
         self._last_committed: int | None = None
         self._sent_bytes = 0  # the shard manager's sent-bytes counter, as last fed into the metric
@@ -338,6 +339,7 @@ class NodeAgent:
             if self._round is not None:
                 continue
             self._check_hangs()
+            self._check_leaving()
             self._track_progress()
             ended = self._ended()
             if ended is not None:
@@ -575,8 +577,9 @@ class NodeAgent:
         self.metrics.worker_exits.labels("failed").inc()
         gen = self.assignment.generation
         hung = getattr(h, "hung", False)
+        stuck = getattr(h, "stuck", False)
         failure = summary.Failure(rank=h.rank, local_rank=slot, node=self.s.node_id, pid=h.pid, exitcode=code,
-                                  generation=gen, when=time.time(), error_file=h.error_file, hung=hung)
+                                  generation=gen, when=time.time(), error_file=h.error_file, hung=hung, stuck=stuck)
         with self._round_lock:
             collateral = self._round is not None or gen in self._fault_gens
         if collateral:
@@ -592,7 +595,7 @@ class NodeAgent:
         self._fault_gens.add(gen)
         try:
             self.rdzv.publish_fault(gen, "worker.exit", {"rank": h.rank, "exitcode": code, "pid": h.pid,
-                                                         "hung": hung})
+                                                         "hung": hung, "stuck": stuck})
         except FencedError as exc:
             # The job moved past this generation without this node (its lease expired while it was
             # paused, or the job closed): no peer starts a round for this worker, so this node rejoins.
@@ -649,6 +652,37 @@ class NodeAgent:
         self.supervisor.dump_stacks(h)
         h.hung = True  # type: ignore[attr-defined]
         self.supervisor.kill(h)
+
+    def _check_leaving(self) -> None:
+        """Kill every worker still running a generation ``leave_timeout`` seconds (of this agent's checks) after
+        it was told the next one is coming: nothing reaches where it is stuck (a CUDA synchronisation on a
+        NCCL collective whose peer is gone), and its peers wait for it in the next generation. Its exit then
+        starts a round like a crash's."""
+        if self.s.leave_timeout is None:
+            return
+        now = time.monotonic_ns()
+        cap = max(1.0, 10 * self.s.timeouts.monitor_interval)
+        alive = {h.pid: h for h in self.handles.values() if h.alive and not getattr(h, "stuck", False)}
+        for pid in [p for p in self._leave_clocks if p not in alive]:
+            del self._leave_clocks[pid]
+        stuck = []
+        for pid, h in alive.items():
+            c = h.control
+            gen, target = c.get("generation"), c.get("target_generation")
+            must = hang.must_leave(state=c.state(), beats=c.get("beats"), generation=gen, target=target)
+            waited = self._leave_clocks.setdefault(pid, hang.LeaveClock(cap)).tick(now, must)
+            if must and waited > self.s.leave_timeout:
+                stuck.append(h)
+                log.error("rank %d (pid %d) still runs generation %d %.1fs after generation %d was announced "
+                          "(leave timeout %.1fs): stuck where the announcement cannot reach it; dumping stacks, "
+                          "then SIGKILL", h.rank, h.pid, gen, waited, target, self.s.leave_timeout)
+                events.emit("worker.stuck", rank=h.rank, pid=h.pid, stuck_gen=gen, target=target, waited_s=waited)
+                self.supervisor.dump_stacks(h, wait=0.0, what="stuck")
+        if stuck:
+            time.sleep(1.0)  # the dumps (SIGUSR1) are written by the workers' signal handlers
+        for h in stuck:
+            h.stuck = True  # type: ignore[attr-defined]
+            self.supervisor.kill(h)
 
     def _persist(self, final: bool) -> None:
         if self.durable is None or self.assignment is None:

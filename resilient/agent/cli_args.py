@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hang-timeout", type=float, default=None,
                    help="seconds without a progress beat (after the first) before a worker is declared hung, "
                         "its stacks dumped and it is killed. Default: off.")
+    r.add_argument("--leave-timeout", type=float, default=60.0,
+                   help="seconds a worker has to leave its generation once the next one is announced (its "
+                        "collective fails or its step ends); one still in it then is stuck (a CUDA sync on a "
+                        "NCCL collective whose peer is gone): its stacks are dumped, it is killed and replaced. "
+                        "0: off. Default 60.")
     r.add_argument("--join-timeout", type=float, default=None,
                    help="seconds to wait for MIN nodes to join. Default 600.")
     r.add_argument("--last-call", type=float, default=None,
@@ -223,6 +228,7 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
         max_restarts=ns.max_restarts,
         restart_window=ns.restart_window,
         hang_timeout=ns.hang_timeout,
+        leave_timeout=ns.leave_timeout or None,
         replicas=ns.replicas,
         snapshot_every=ns.snapshot_every,
         persist_dir=ns.persist_dir,

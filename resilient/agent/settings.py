@@ -33,6 +33,7 @@ class AgentSettings:
     max_restarts: int = 3
     restart_window: float = 3600.0
     hang_timeout: float | None = None  # None: hang detection off
+    leave_timeout: float | None = 60.0  # None: a worker that does not leave an ended generation is never killed
     replicas: int = 2
     snapshot_every: int = 1
     persist_dir: str | None = None
@@ -61,6 +62,11 @@ class AgentSettings:
             problems.append(
                 f"--hang-timeout {self.hang_timeout:g}s must exceed --monitor-interval "
                 f"{self.timeouts.monitor_interval:g}s"
+            )
+        if self.leave_timeout is not None and self.leave_timeout <= self.timeouts.monitor_interval:
+            problems.append(
+                f"--leave-timeout {self.leave_timeout:g}s must exceed --monitor-interval "
+                f"{self.timeouts.monitor_interval:g}s (0 turns it off)"
             )
         if self.replicas < 1:
             problems.append(f"--replicas must be >= 1, got {self.replicas}")

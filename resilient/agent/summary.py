@@ -24,11 +24,14 @@ class Failure:
     when: float  # wall time
     error_file: str
     hung: bool = False
+    stuck: bool = False  # killed for not leaving its generation after the next one was announced
 
     def cause(self) -> str:
         what = describe_exit(self.exitcode)
         if self.hung:
             what = f"hung (no progress beat), killed: {what}"
+        elif self.stuck:
+            what = f"stuck in an ended generation (did not leave it when the next was announced), killed: {what}"
         return f"rank {self.rank} (local {self.local_rank}) on node {self.node}, pid {self.pid}: {what}"
 
 

@@ -288,21 +288,22 @@ class Supervisor:
         handle.signal_group(signal.SIGKILL)
         handle.signal_group(signal.SIGCONT)
 
-    def dump_stacks(self, handle: WorkerHandle, wait: float = 1.0) -> str:
-        """Write the worker's Python stacks to the log (py-spy when installed, else faulthandler via SIGUSR1)."""
+    def dump_stacks(self, handle: WorkerHandle, wait: float = 1.0, what: str = "hung") -> str:
+        """Write the worker's Python stacks to the log (py-spy when installed, else faulthandler via SIGUSR1,
+        which the worker writes within ``wait`` seconds); ``what`` the worker is, for the log."""
         pyspy = shutil.which("py-spy")
         if pyspy:
             try:
                 out = subprocess.run([pyspy, "dump", "--pid", str(handle.pid)], capture_output=True, text=True,
                                      timeout=max(wait, 5.0))
                 if out.returncode == 0 and out.stdout:
-                    log.error("stacks of hung rank %d (pid %d, py-spy):\n%s", handle.rank, handle.pid, out.stdout)
+                    log.error("stacks of %s rank %d (pid %d, py-spy):\n%s", what, handle.rank, handle.pid, out.stdout)
                     return out.stdout
             except (OSError, subprocess.TimeoutExpired) as exc:
                 log.warning("py-spy could not dump pid %d: %s; falling back to faulthandler", handle.pid, exc)
         where = handle.stderr_path or "the console"
-        log.error("dumping the Python stacks of hung rank %d (pid %d) to %s (faulthandler, SIGUSR1)",
-                  handle.rank, handle.pid, where)
+        log.error("dumping the Python stacks of %s rank %d (pid %d) to %s (faulthandler, SIGUSR1)",
+                  what, handle.rank, handle.pid, where)
         try:
             os.kill(handle.pid, signal.SIGUSR1)
             os.kill(handle.pid, signal.SIGCONT)

@@ -53,6 +53,15 @@ def test_inconsistent_timeouts_are_refused():
         cli_args.parse(["--standalone", "--hang-timeout", "0.05", SCRIPT])
 
 
+def test_the_leave_timeout_defaults_to_a_minute_turns_off_with_0_and_must_exceed_the_monitor_interval():
+    assert cli_args.parse(["--standalone", SCRIPT]).leave_timeout == 60.0
+    assert cli_args.parse(["--standalone", "--leave-timeout", "5", SCRIPT]).leave_timeout == 5.0
+    assert cli_args.parse(["--standalone", "--leave-timeout", "0", SCRIPT]).leave_timeout is None
+    for bad in ("0.05", "-3"):
+        with pytest.raises(ConfigError, match="--leave-timeout"):
+            cli_args.parse(["--standalone", "--leave-timeout", bad, SCRIPT])
+
+
 def test_torchrun_flags_parse_with_both_spellings():
     s = cli_args.parse(["--nnodes", "1:4", "--nproc_per_node", "3", "--rdzv-endpoint", "h1:2379,h2:2379",
                         "--rdzv-id", "job7", "--max-restarts", "5", "--monitor-interval", "0.2",
@@ -73,5 +82,5 @@ def test_standby_and_zygote_are_on_unless_turned_off():
 def test_help_explains_the_flags():
     text = cli_args.build_parser().format_help()
     for flag in ("--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--standalone", "--lease-ttl", "--hang-timeout",
-                 "--replicas", "--snapshot-every", "--persist-dir", "--metrics-port", "--event-log", "--no-standby"):
+                 "--leave-timeout", "--replicas", "--snapshot-every", "--persist-dir", "--metrics-port", "--event-log", "--no-standby"):
         assert flag in text

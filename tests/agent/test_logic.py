@@ -50,6 +50,45 @@ def test_stopped_worker_is_more_suspicious_than_one_blocked_in_a_collective():
     assert hang.suspicion("T") < hang.suspicion("R") < hang.suspicion("S")
 
 
+def test_only_a_worker_still_running_an_announced_generation_must_leave():
+    assert hang.must_leave(state="running", beats=7, generation=1, target=2)
+    assert not hang.must_leave(state="running", beats=7, generation=2, target=2), "it took up the new generation"
+    assert not hang.must_leave(state="recovering", beats=7, generation=1, target=2), "it left: waiting for the next"
+    assert not hang.must_leave(state="starting", beats=0, generation=0, target=2), "not registered: reads it at start"
+    assert not hang.must_leave(state="running", beats=0, generation=1, target=2), "still setting up, before its loop"
+    assert not hang.must_leave(state="done", beats=7, generation=1, target=2)
+
+
+def test_the_leave_clock_counts_checks_while_the_worker_must_leave_and_restarts_when_it_left():
+    clock = hang.LeaveClock(gap_cap_s=1.0)
+    assert clock.tick(10 * S, must=True) == 0.0, "the first check starts the clock"
+    assert clock.tick(10 * S + S // 2, must=True) == 0.5
+    assert clock.tick(11 * S, must=True) == 1.0
+    assert clock.tick(12 * S, must=False) == 0.0, "it left"
+    assert clock.tick(13 * S, must=True) == 0.0 and clock.tick(13 * S + S // 10, must=True) == 0.1
+
+
+def test_a_pause_of_the_host_counts_as_one_capped_gap_not_its_length():
+    clock = hang.LeaveClock(gap_cap_s=1.0)
+    clock.tick(0, must=True)
+    assert clock.tick(3600 * S, must=True) == 1.0, "an hour's SIGSTOP of agent and workers alike"
+    assert clock.tick(3600 * S + S // 2, must=True) == 1.5
+
+
+@given(st.lists(st.tuples(st.integers(0, 5 * S), st.booleans()), max_size=50), st.floats(0.1, 10))
+def test_the_leave_clock_is_the_capped_time_since_the_worker_last_had_left(steps, cap):
+    clock, now, expected, last = hang.LeaveClock(gap_cap_s=cap), 0, 0.0, None
+    for gap, must in steps:
+        now += gap
+        if not must:
+            expected, last = 0.0, None
+        else:
+            if last is not None:
+                expected += min(gap / 1e9, cap)
+            last = now
+        assert abs(clock.tick(now, must) - expected) < 1e-6
+
+
 def test_worker_environment_follows_torchrun_and_adds_resilient():
     a = WorkerAssignment(generation=3, rank=5, local_rank=1, world_size=8, local_world_size=4, group_rank=1,
                          master_addr="10.0.0.1", master_port=29500, restart_count=2, job_id="j", node_id="n1")

@@ -79,6 +79,27 @@ def test_hung_worker_is_detected_dumped_and_killed(launch, tmp_path):
     assert "hung (no progress beat)" in out
 
 
+def test_a_worker_stuck_where_the_announcement_cannot_reach_is_killed_after_the_leave_timeout(launch, tmp_path):
+    """Rank 0 sleeps inside step 5 (as a CUDA synchronisation on a NCCL collective whose peer is gone would)
+    when rank 1 is killed: the next generation is announced, but rank 0 never leaves the old one. After the
+    leave timeout the agent dumps its stacks and kills it; the job then finishes, both ranks equal."""
+    run = launch([*BASE, "--leave-timeout", "2", ELASTIC, "--steps", "20", "--sleep", "0.05", "--out",
+                  str(tmp_path)], env={"STALL_AT_STEP": "5"})
+    wait_until(lambda: list(tmp_path.glob("stalled-*")), 120, "rank 0 asleep in step 5")
+    sleeper = worker_pids(run, 0)[0]
+    os.kill(worker_pids(run, 1)[0], signal.SIGKILL)
+    stuck = run.wait_event(lambda e: e["kind"] == "worker.stuck", 60, "worker.stuck")
+    assert stuck["rank"] == 0 and stuck["pid"] == sleeper and stuck["stuck_gen"] == 1 and stuck["waited_s"] > 2
+    assert run.wait(180) == 0, run.output()
+    out = run.output()
+    assert "still runs generation 1" in out and "stacks of stuck rank 0" in out  # py-spy or faulthandler
+    killed = [e for e in run.events("worker.exit") if e["pid"] == sleeper]
+    assert killed and killed[0]["signal"] == signal.SIGKILL
+    world, gen, step, digest0, _ = _done(tmp_path, 0)
+    assert world == "2" and int(gen) >= 3 and step == "19"
+    assert _done(tmp_path, 1)[3] == digest0, "both ranks end with the same weights"
+
+
 def test_sigterm_preemption_commits_and_exits_0(launch, tmp_path):
     run = launch([*BASE, ELASTIC, "--steps", "100000", "--sleep", "0.05", "--out", str(tmp_path)])
     run.wait_event(step_done(rank=0, at_least=3), 120, "rank 0 at step 3")

@@ -4,7 +4,9 @@ Args: --steps N --sleep S --out DIR. Writes ``<out>/done-<rank>`` with "<world> 
 when it finishes, and ``<out>/pid-<rank>-<pid>`` when it starts (so tests can find who to kill).
 Env knobs: CRASH_BEFORE_FIRST_STEP=1 makes every rank-1 process exit(5) before its first step;
 CRASH_AT_GENERATION=g makes the rank-1 process started for generation g exit(3) as it starts, before
-it joins the process group (its peers are already waiting there).
+it joins the process group (its peers are already waiting there); STALL_AT_STEP=s makes rank 0 of generation
+1 write ``<out>/stalled-<pid>`` and sleep for an hour inside step s, before its collective (as a CUDA
+synchronisation on a NCCL collective whose peer is gone would: nothing the agent announces reaches it).
 """
 
 import argparse
@@ -37,6 +39,9 @@ def train(ctx: resilient.Context) -> None:
     ctx.protect(model=model, optimizer=opt)
     step = ctx.restored_step
     for step in ctx.steps(args.steps):
+        if ctx.rank == 0 and ctx.generation == 1 and os.environ.get("STALL_AT_STEP") == str(step):
+            open(os.path.join(args.out, f"stalled-{os.getpid()}"), "w").close()
+            time.sleep(3600)
         g = torch.Generator().manual_seed(step * 100 + ctx.rank)
         loss = model(torch.randn(16, 8, generator=g)).pow(2).mean()
         opt.zero_grad()
