@@ -576,8 +576,7 @@ class NodeAgent:
             return
         self.metrics.worker_exits.labels("failed").inc()
         gen = self.assignment.generation
-        hung = getattr(h, "hung", False)
-        stuck = getattr(h, "stuck", False)
+        hung, stuck = h.hung, h.stuck
         failure = summary.Failure(rank=h.rank, local_rank=slot, node=self.s.node_id, pid=h.pid, exitcode=code,
                                   generation=gen, when=time.time(), error_file=h.error_file, hung=hung, stuck=stuck)
         with self._round_lock:
@@ -650,7 +649,7 @@ class NodeAgent:
         events.emit("worker.hang", rank=h.rank, pid=h.pid, beat_age=verdict.beat_age_s)
         self.metrics.hangs.inc()
         self.supervisor.dump_stacks(h)
-        h.hung = True  # type: ignore[attr-defined]
+        h.hung = True
         self.supervisor.kill(h)
 
     def _check_leaving(self) -> None:
@@ -662,7 +661,7 @@ class NodeAgent:
             return
         now = time.monotonic_ns()
         cap = max(1.0, 10 * self.s.timeouts.monitor_interval)
-        alive = {h.pid: h for h in self.handles.values() if h.alive and not getattr(h, "stuck", False)}
+        alive = {h.pid: h for h in self.handles.values() if h.alive and not h.stuck}
         for pid in [p for p in self._leave_clocks if p not in alive]:
             del self._leave_clocks[pid]
         stuck = []
@@ -681,7 +680,7 @@ class NodeAgent:
         if stuck:
             time.sleep(1.0)  # the dumps (SIGUSR1) are written by the workers' signal handlers
         for h in stuck:
-            h.stuck = True  # type: ignore[attr-defined]
+            h.stuck = True
             self.supervisor.kill(h)
 
     def _persist(self, final: bool) -> None:

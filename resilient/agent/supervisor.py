@@ -53,6 +53,8 @@ class WorkerHandle:
     stopping: bool = False  # the agent is stopping it: its exit is not a failure
     generation_handed_ns: int = field(default_factory=time.monotonic_ns)
     reaped: bool = False  # waited for: the process is gone (exitcode may be known earlier, see poll)
+    hung: bool = False  # the agent killed it for making no progress (hang timeout)
+    stuck: bool = False  # the agent killed it for not leaving an ended generation (leave timeout)
 
     @property
     def alive(self) -> bool:

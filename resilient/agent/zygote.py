@@ -20,8 +20,9 @@ global RNGs (as a fresh process would have), and runs the script as ``__main__``
 (``bootstrap.retain_heap``) and, told ``{"op": "warm", "bytes"}``, faults in heap until its anonymous
 memory reaches that many bytes (``warm_budget``: never into the last fifth of the host's memory) and
 frees it again (kept, and mapped); a message arriving meanwhile ends the warm-up where it is;
-``{"op": "run", <a fork request>}`` turns it into that worker. A replacement worker then allocates its model and optimizer state from pages
-that are already there instead of page-faulting gigabytes on the recovery path; end of channel: it exits.
+``{"op": "run", <a fork request>}`` turns it into that worker. A replacement worker then allocates its
+model and optimizer state from pages that are already there instead of page-faulting gigabytes on the
+recovery path; end of channel: it exits.
 
 ``ZygoteClient`` is the agent's side; ``Standby`` is the agent's handle of one standby.
 """

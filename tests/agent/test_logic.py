@@ -418,7 +418,8 @@ def test_a_failure_while_cut_off_from_etcd_still_starts_a_round_uncharged():
     agent.rdzv, agent.metrics, agent._wake = CutOff(), AgentMetrics(), Waker()
     agent._round_lock, agent._round, agent._fault_gens = threading.Lock(), None, set()
     agent.first_failure, agent.restarts, agent.handles, agent.finished = None, 0, {}, set()
-    worker = SimpleNamespace(rank=1, pid=4242, exitcode=-9, stopping=False, reaped=True, error_file="", hung=True)
+    worker = SimpleNamespace(rank=1, pid=4242, exitcode=-9, stopping=False, reaped=True, error_file="", hung=True,
+                             stuck=False)
     agent._on_exit(0, worker)
     assert agent._round is not None and agent._round.reason == "fault:h1", "the node recovers (rejoins)"
     assert agent.restarts == 0, "nothing was charged"
