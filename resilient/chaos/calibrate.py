@@ -158,6 +158,10 @@ def adapt_runtime(scenario: Scenario, cal: Calibration) -> tuple[Scenario, list[
     if floor > hang:
         hang = float(math.ceil(floor))
         notes.append(f"hang_timeout {rt.hang_timeout:g}s -> {hang:g}s")
+    leave = rt.leave_timeout
+    if floor > leave:
+        leave = float(math.ceil(floor))
+        notes.append(f"leave_timeout {rt.leave_timeout:g}s -> {leave:g}s")
     ttl = rt.lease_ttl
     if floor > ttl:
         ttl = int(math.ceil(floor))
@@ -172,7 +176,7 @@ def adapt_runtime(scenario: Scenario, cal: Calibration) -> tuple[Scenario, list[
         last_call = float(max(1, math.ceil(2.0 * scenario.slack * cal.start_spread_s + 1.0)))
         notes.append(f"last_call {last_call:g}s (agents launched together started up to {cal.start_spread_s:.2f}s "
                      f"apart in the fault-free run)")
-    runtime = dataclasses.replace(rt, hang_timeout=hang, lease_ttl=ttl, last_call=last_call)
+    runtime = dataclasses.replace(rt, hang_timeout=hang, leave_timeout=leave, lease_ttl=ttl, last_call=last_call)
     return dataclasses.replace(scenario, runtime=runtime), notes
 
 
@@ -187,7 +191,8 @@ def detection_budget(fault: Fault, scenario: Scenario) -> float:
     rt = scenario.runtime
     lease = rt.lease_ttl + rt.lease_ttl / 3
     return {
-        "kill_worker": rt.monitor_interval, "hang": rt.hang_timeout, "kill_agent": lease,
+        "kill_worker": rt.monitor_interval, "kill_agent": lease,
+        "hang": min(rt.hang_timeout, rt.leave_timeout) if fault.params.get("mode") == "sleep" else rt.hang_timeout,
         "host_loss": lease + float(fault.params.get("silence_s", 1.0)), "pause_node": lease,
         "partition": lease, "etcd_kill": 2.0, "failpoint": lease, "scale_up": 0.0,
         "slow_link": float(fault.params.get("delay_ms", 100)) / 1000 * 10, "corrupt_replica": lease,

@@ -8,7 +8,8 @@ calls ``at_step(step)`` once per step (``chaos/train_chaos.py`` does). Terms are
 Actions: ``segv`` (a real segmentation fault through ctypes), ``raise`` (a Python exception through the
 failpoint registry, so a ``failpoint.fired`` event is emitted), ``panic`` (``os._exit(137)``) and
 ``gil(SECONDS)`` (stuck in C code holding the GIL: ``sleep`` called through ``ctypes.PyDLL``, which does
-not release it). A term fires once per job (a marker file in ``$RESILIENT_CHAOS_DIR`` survives the
+not release it) and ``sleep(SECONDS)`` (stuck with the GIL released, as in a CUDA synchronisation on a
+collective whose peer is gone: the worker's other threads run, its step never ends). A term fires once per job (a marker file in ``$RESILIENT_CHAOS_DIR`` survives the
 respawn of the worker) unless it ends in ``:repeat``, which fires every time the step is reached.
 Every firing emits ``chaos.inworker`` (id, action, step) before acting.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from resilient import events, failpoints
@@ -25,7 +27,7 @@ from resilient.errors import ConfigError
 
 ENV_SPEC = "RESILIENT_CHAOS_INWORKER"
 ENV_DIR = "RESILIENT_CHAOS_DIR"
-ACTIONS = ("segv", "raise", "panic", "gil")
+ACTIONS = ("segv", "raise", "panic", "gil", "sleep")
 _ACTION = re.compile(r"^(?P<kind>[a-z]+)(?:\((?P<arg>[0-9.]+)\))?$")
 
 
@@ -109,3 +111,5 @@ def _act(term: Term, step: int) -> None:
     elif term.action == "gil":
         libc = ctypes.PyDLL(None)  # PyDLL keeps the GIL held during the call
         libc.sleep(ctypes.c_uint(int(term.arg if term.arg is not None else 3600)))
+    elif term.action == "sleep":
+        time.sleep(term.arg if term.arg is not None else 3600)

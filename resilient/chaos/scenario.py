@@ -103,6 +103,7 @@ class Training:
 class Runtime:
     lease_ttl: int = 2
     hang_timeout: float = 3.0
+    leave_timeout: float = 60.0  # resilient-run's --leave-timeout (its default)
     monitor_interval: float = 0.1
     max_restarts: int = 3
     replicas: int = 2

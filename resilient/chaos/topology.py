@@ -199,6 +199,7 @@ class Cluster:
             "--monitor-interval", f"{rt.monitor_interval:g}",
             "--lease-ttl", str(rt.lease_ttl),
             "--hang-timeout", f"{rt.hang_timeout:g}",
+            "--leave-timeout", f"{rt.leave_timeout:g}",
             "--replicas", str(rt.replicas),
             "--snapshot-every", str(rt.snapshot_every),
             "--last-call", f"{rt.last_call or 1:g}",

@@ -71,6 +71,8 @@ def test_inworker_terms_parse_and_refuse_bad_ones() -> None:
     assert (t.id, t.action, t.arg, t.step, t.local_rank, t.repeat) == ("k1", "gil", 5.0, 15, 0, False)
     assert inworker.parse(t.spec()) == [t]
     assert inworker.parse("a:raise:3:1:repeat")[0].repeat
+    (s,) = inworker.parse("s1:sleep(600):15:0")
+    assert (s.action, s.arg) == ("sleep", 600.0) and inworker.parse(s.spec()) == [s]
     for bad in ("x:boom:1:0", "x:segv:one:0", "x:segv:1", "x:segv:1:0:sometimes"):
         with pytest.raises(ConfigError):
             inworker.parse(bad)
@@ -113,6 +115,26 @@ def test_bounds_derive_from_calibration_and_the_faults_detection_budget() -> Non
     assert calibrate.recovery_bound(sc, slower) > calibrate.recovery_bound(sc, cal)
     assert calibrate.deadline(sc, cal) > cal.total_s
     assert calibrate.deadline(_sc(deadline_s=42), cal) == 42
+    # a worker asleep with the GIL released is caught by the sooner of the hang and leave timeouts
+    asleep = [{"id": "h", "trigger": {"step": 3}, "action": "hang", "target": {"host": "h1", "local_rank": 0},
+               "params": {"mode": "sleep"}}]
+    sc = _sc(runtime={"hang_timeout": 120, "leave_timeout": 3}, faults=asleep)
+    assert calibrate.recovery_bound(sc, cal) == pytest.approx(2.0 * (3.0 + 4.0 + 0.5 + 1.0))
+
+
+def test_the_sleep_and_gil_modes_of_a_hang_need_the_worker_named() -> None:
+    for mode in ("sleep", "gil"):
+        with pytest.raises(scn.ScenarioError, match=f"the {mode} mode needs target.local_rank"):
+            _sc(faults=[{"id": "h", "trigger": {"step": 3}, "action": "hang", "target": {"host": "h1"},
+                         "params": {"mode": mode}}])
+
+
+def test_the_runtime_timeouts_are_raised_to_what_the_machine_needs() -> None:
+    cal = calibrate.Calibration(key="k", state_hash="h", final_loss=0.1, startup_s=4.0, step_s=0.05, total_s=10.0,
+                                train_s=5.0, run_dir="/x", max_step_gap_s=2.0)
+    adapted, notes = calibrate.adapt_runtime(_sc(runtime={"hang_timeout": 3, "leave_timeout": 3}), cal)
+    assert adapted.runtime.hang_timeout >= 8 and adapted.runtime.leave_timeout >= 8
+    assert any(n.startswith("leave_timeout 3s ->") for n in notes)
 
 
 def test_suite_verdict_fails_when_everything_skipped_or_anything_failed() -> None:

@@ -82,32 +82,40 @@ class KillWorker(Driver):
 
 
 class Hang(Driver):
-    """params.mode: sigstop (the harness stops the worker) or gil (C code holding the GIL, in-worker)."""
+    """params.mode: sigstop (the harness stops the worker), gil (C code holding the GIL, in-worker) or sleep
+    (in-worker, the GIL released: as a CUDA synchronisation on a collective whose peer is gone; the worker
+    beats no more but its threads run, so it is caught by the hang timeout, or by the leave timeout once
+    another fault makes the agent announce a new generation)."""
 
     name = "hang"
     reactions = ("worker.hang",)
+    IN_WORKER = ("gil", "sleep")
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:
         need_host(target, topology, where)
-        mode = param_choice(params, "mode", ("sigstop", "gil"), "sigstop", where)
-        if mode == "gil" and "local_rank" not in target:
-            raise ScenarioError(f"{where}: the gil mode needs target.local_rank.")
+        mode = param_choice(params, "mode", ("sigstop", *cls.IN_WORKER), "sigstop", where)
+        if mode in cls.IN_WORKER and "local_rank" not in target:
+            raise ScenarioError(f"{where}: the {mode} mode needs target.local_rank.")
+
+    def _in_worker(self, fault: Fault) -> bool:
+        return fault.params.get("mode") in self.IN_WORKER
 
     def requirements(self, fault: Fault) -> tuple[str, ...]:
-        return ("chaos_hooks",) if fault.params.get("mode") == "gil" else ()
+        return ("chaos_hooks",) if self._in_worker(fault) else ()
 
     def armed_at_launch(self, fault: Fault) -> bool:
-        return fault.params.get("mode") == "gil"
+        return self._in_worker(fault)
 
     def prepare(self, fault: Fault, plan: Plan, topology: Topology) -> None:
-        if fault.params.get("mode") == "gil":
+        if self._in_worker(fault):
             step = _inworker_step(fault, fault.id)
             secs = param_number(fault.params, "seconds", 3600, fault.id)
-            plan.hook(fault.target["host"], f"{fault.id}:gil({secs:g}):{step}:{int(fault.target['local_rank'])}")
+            mode = fault.params["mode"]
+            plan.hook(fault.target["host"], f"{fault.id}:{mode}({secs:g}):{step}:{int(fault.target['local_rank'])}")
 
     def inject(self, fault: Fault, cluster: Any) -> Injection:
-        if fault.params.get("mode") == "gil":
+        if self._in_worker(fault):
             return Injection(deferred=True)
         import os
 
