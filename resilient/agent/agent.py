@@ -676,6 +676,7 @@ class NodeAgent:
                           "(leave timeout %.1fs): stuck where the announcement cannot reach it; dumping stacks, "
                           "then SIGKILL", h.rank, h.pid, gen, waited, target, self.s.leave_timeout)
                 events.emit("worker.stuck", rank=h.rank, pid=h.pid, stuck_gen=gen, target=target, waited_s=waited)
+                self.metrics.stuck.inc()
                 self.supervisor.dump_stacks(h, wait=0.0, what="stuck")
         if stuck:
             time.sleep(1.0)  # the dumps (SIGUSR1) are written by the workers' signal handlers

@@ -17,6 +17,8 @@ class AgentMetrics:
         self.workers_alive = Gauge("resilient_workers_alive", "Live worker processes on this node", registry=r)
         self.worker_exits = Counter("resilient_worker_exits", "Worker exits", ["outcome"], registry=r)
         self.hangs = Counter("resilient_worker_hangs", "Workers killed as hung", registry=r)
+        self.stuck = Counter("resilient_worker_stuck", "Workers killed for not leaving an ended generation",
+                             registry=r)
         self.recovery = Gauge("resilient_recovery_seconds", "Last recovery, per phase", ["phase"], registry=r)
         self.recovery_total = Histogram("resilient_recovery_total_seconds", "Recovery time, fault to first step",
                                         buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
