@@ -9,8 +9,9 @@ Actions: ``segv`` (a real segmentation fault through ctypes), ``raise`` (a Pytho
 failpoint registry, so a ``failpoint.fired`` event is emitted), ``panic`` (``os._exit(137)``) and
 ``gil(SECONDS)`` (stuck in C code holding the GIL: ``sleep`` called through ``ctypes.PyDLL``, which does
 not release it) and ``sleep(SECONDS)`` (stuck with the GIL released, as in a CUDA synchronisation on a
-collective whose peer is gone: the worker's other threads run, its step never ends). A term fires once per job (a marker file in ``$RESILIENT_CHAOS_DIR`` survives the
-respawn of the worker) unless it ends in ``:repeat``, which fires every time the step is reached.
+collective whose peer is gone: the worker's other threads run, its step never ends). A term fires once
+per job (a marker file in ``$RESILIENT_CHAOS_DIR`` survives the respawn of the worker) unless it ends in
+``:repeat``, which fires every time the step is reached.
 Every firing emits ``chaos.inworker`` (id, action, step) before acting.
 """
 

@@ -22,8 +22,8 @@ from resilient.chaos.scenario import Scenario
 from resilient.chaos.topology import DEFAULT_SCRIPT, REPO_ROOT
 
 LAUNCHER_FLAGS = ("--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id", "--max-restarts",
-                  "--monitor-interval", "--lease-ttl", "--hang-timeout", "--leave-timeout", "--replicas", "--snapshot-every",
-                  "--event-log", "--node-id", "--log-dir", "--local-addr", "--last-call")
+                  "--monitor-interval", "--lease-ttl", "--hang-timeout", "--leave-timeout", "--replicas",
+                  "--snapshot-every", "--event-log", "--node-id", "--log-dir", "--local-addr", "--last-call")
 
 
 @functools.lru_cache(maxsize=1)
