@@ -62,16 +62,22 @@ def apply_retention(storage: Storage, keep: int, *, failpoints: fp_mod.Registry 
     return doomed
 
 
-def clean_leftovers(directory: str | Storage, *, storage_options: dict | None = None) -> list[str]:
+def clean_leftovers(directory: str | Storage, *, storage_options: dict | None = None,
+                    up_to_step: int | None = None) -> list[str]:
     """Remove what killed persists left behind: temporary files, and checkpoint directories without a
-    manifest. Returns the removed paths. Call it when no persist is in flight (e.g. at start-up)."""
+    manifest. Returns the removed paths. Call it when no persist is in flight (e.g. at start-up), or pass
+    ``up_to_step``: only the directories of that step and older ones are looked at (a newer one may be a
+    persist another host is writing right now)."""
     storage = open_storage(directory, **(storage_options or {}))
     removed: list[str] = []
     for name in storage.list_dir(""):
-        if parse_step_dir(name) is None:
+        step = parse_step_dir(name)
+        if step is None:
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                 storage.remove(name)
                 removed.append(storage.describe(name))
+            continue
+        if up_to_step is not None and step > up_to_step:
             continue
         if not storage.exists(f"{name}/{MANIFEST_NAME}"):
             storage.remove_tree(name)

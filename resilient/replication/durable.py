@@ -396,7 +396,9 @@ class ShardedPersist:
             deleted = apply_retention(self.storage, self.keep, failpoints=self._fp)
             if deleted:
                 events.emit("persist.retention", step=step, deleted=deleted, keep=self.keep)
-            clean_leftovers(self.storage)
+            # only this round's step and older ones: another host may be writing a newer request's shard now
+            # (removing that directory made a later manifest name a shard that was gone)
+            clean_leftovers(self.storage, up_to_step=step)
         except OSError as exc:
             log.warning("retention after step %d failed: %s", step, exc)
 

@@ -103,6 +103,20 @@ def test_partial_checkpoint_without_manifest_is_ignored_and_cleaned(ckpt_dir):
     assert clean_leftovers(ckpt_dir) == []
 
 
+def test_leftovers_of_newer_steps_are_left_alone_when_told_up_to_which_step(ckpt_dir):
+    """``up_to_step``: a directory of a newer step without a manifest may be a persist in flight on another
+    host; only the abandoned ones (that step and older) go."""
+    _two_checkpoints(ckpt_dir)
+    for step in (15, 30):
+        os.makedirs(os.path.join(ckpt_dir, f"step-{step:08d}"))
+        open(os.path.join(ckpt_dir, f"step-{step:08d}", "rank-1.safetensors"), "wb").write(b"shard")
+    removed = clean_leftovers(ckpt_dir, up_to_step=20)
+    assert removed == [os.path.join(ckpt_dir, "step-00000015")]
+    assert sorted(os.listdir(ckpt_dir)) == ["step-00000010", "step-00000020", "step-00000030"]
+    assert os.path.exists(os.path.join(ckpt_dir, "step-00000030", "rank-1.safetensors"))
+    assert clean_leftovers(ckpt_dir) == [os.path.join(ckpt_dir, "step-00000030")], "without a bound: all"
+
+
 def test_retention_keeps_the_newest_k(ckpt_dir, events_seen):
     with Persister(ckpt_dir, job="j", keep=2, on_event=events_seen.append) as persister:
         for step in (5, 10, 15, 20):

@@ -70,6 +70,11 @@ def test_enospc_on_one_writer_fails_cleanly_and_keeps_the_previous_latest(make_c
     wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 90, "the first persist")
     # the writer of rank 1 hits a full disk on the next one
     ps[1]._fp = __import__("resilient.failpoints", fromlist=["Registry"]).Registry("persist.shard.after_write=enospc")
+    # a newer step's shard that a host is writing meanwhile (no manifest yet): the failed round's tidy-up must
+    # leave it (removing it made the next manifest name a shard that was gone: chaos corrupt-replica)
+    in_flight = tmp_path / "ckpt" / "step-00000009"
+    in_flight.mkdir()
+    (in_flight / "rank-1.safetensors").write_bytes(b"being written")
     commit_step(c, [0, 1], 3)
     ps[0].tick(final=False)
     # the committer's event names the checkpoint directory (a writer's names its rank's error instead)
@@ -79,6 +84,7 @@ def test_enospc_on_one_writer_fails_cleanly_and_keeps_the_previous_latest(make_c
     assert all(e["errno"] == "ENOSPC" for e in failed)
     assert latest_complete(str(tmp_path / "ckpt")).step == 2
     assert not (tmp_path / "ckpt" / "step-00000003").exists()
+    assert (in_flight / "rank-1.safetensors").read_bytes() == b"being written"
     assert json.loads(c.kv.get(c.keys.persisted_latest).value)["step"] == 2
 
 
