@@ -331,7 +331,9 @@ class ShardedPersist:
                 return results, f"generation {req.fence} ended before every shard was written"
             if time.monotonic() >= deadline or self._closed or self._hurry:
                 missing = [r for r in range(req.world_size) if r not in results]
-                return results, f"ranks {missing} were not written within {wait_s:g}s"
+                why = ("the final persist took over" if self._hurry else "the agent closed" if self._closed
+                       else f"{wait_s:g}s passed")
+                return results, f"ranks {missing} were not written before {why}"
             time.sleep(POLL_S)
 
     def _commit(self, req: Request, wait_s: float) -> None:
