@@ -90,23 +90,22 @@ def run_killed(launcher: str, job_args: list[str], *, kill_after: int, timeout: 
         shutil.rmtree(out, ignore_errors=True)
         raise RuntimeError(f"{launcher} exited with {code}:\n{tail}")
     result = {"out": str(out), "t_kill": t_kill, "exit": code}
-    next_steps, before = [], []
-    for rank in (0, 1):
-        rows = read_steps(out / f"steps-{rank}.txt")
-        done_before = [r for r in rows if r[1] <= t_kill]
-        after = [r for r in rows if r[1] > t_kill]
+    rows = [read_steps(out / f"steps-{rank}.txt") for rank in (0, 1)]
+    next_steps, before, afters = [], [], []
+    for rank_rows in rows:
+        done_before = [r for r in rank_rows if r[1] <= t_kill]
+        after = [r for r in rank_rows if r[1] > t_kill]
         before.append(done_before[-1][0] if done_before else -1)
         next_steps.append(after[0])
+        afters.append(after)
     result["recovery_s"] = max(r[1] for r in next_steps) - t_kill
     result["steps_lost"] = max(0, max(before) + 1 - min(r[0] for r in next_steps))
     # back where it was: every rank finished the first step beyond the last one any rank finished before the kill
     # (recomputed steps included; None when the run ended before that step)
     beyond = max(before) + 1
-    firsts = [next((r[1] for r in read_steps(out / f"steps-{rank}.txt") if r[1] > t_kill and r[0] >= beyond), None)
-              for rank in (0, 1)]
+    firsts = [next((r[1] for r in after if r[0] >= beyond), None) for after in afters]
     result["caught_up_s"] = None if None in firsts else max(firsts) - t_kill
-    all_rows = read_steps(out / "steps-0.txt")
-    stalls = [r[3] for r in all_rows if r[3] > 0]
+    stalls = [r[3] for r in rows[0] if r[3] > 0]
     result["stall_s"] = max(stalls) if stalls else 0.0
     result["events"] = events.read(str(ev))
     result["next_step_mono"] = max(r[1] for r in next_steps)

@@ -181,7 +181,6 @@ class NodeAgent:
         self._fault_gens: set[int] = set()
         self._attempt = 0
         self._first_step_pending: tuple[float, int] | None = None  # (fault mono, generation)
-        self._leave_clocks: dict[int, hang.LeaveClock] = {}  # by pid: time had to leave an ended generation
         self._last_progress = -1
         self._last_committed: int | None = None
         self._sent_bytes = 0  # the shard manager's sent-bytes counter, as last fed into the metric
@@ -576,9 +575,8 @@ class NodeAgent:
             return
         self.metrics.worker_exits.labels("failed").inc()
         gen = self.assignment.generation
-        hung, stuck = h.hung, h.stuck
         failure = summary.Failure(rank=h.rank, local_rank=slot, node=self.s.node_id, pid=h.pid, exitcode=code,
-                                  generation=gen, when=time.time(), error_file=h.error_file, hung=hung, stuck=stuck)
+                                  generation=gen, when=time.time(), error_file=h.error_file, killed_for=h.killed_for)
         with self._round_lock:
             collateral = self._round is not None or gen in self._fault_gens
         if collateral:
@@ -594,7 +592,8 @@ class NodeAgent:
         self._fault_gens.add(gen)
         try:
             self.rdzv.publish_fault(gen, "worker.exit", {"rank": h.rank, "exitcode": code, "pid": h.pid,
-                                                         "hung": hung, "stuck": stuck})
+                                                         "hung": h.killed_for == "hung",
+                                                         "stuck": h.killed_for == "stuck"})
         except FencedError as exc:
             # The job moved past this generation without this node (its lease expired while it was
             # paused, or the job closed): no peer starts a round for this worker, so this node rejoins.
@@ -633,7 +632,7 @@ class NodeAgent:
         now = time.monotonic_ns()
         hung = []
         for h in list(self.handles.values()):
-            if not h.alive:
+            if not h.alive or h.killed_for is not None:
                 continue
             c = h.control
             verdict = hang.decide(now_ns=now, beats=c.get("beats"), beat_mono_ns=c.get("beat_mono_ns"),
@@ -648,9 +647,7 @@ class NodeAgent:
                   h.rank, h.pid, verdict.beat_age_s, self.s.hang_timeout)
         events.emit("worker.hang", rank=h.rank, pid=h.pid, beat_age=verdict.beat_age_s)
         self.metrics.hangs.inc()
-        self.supervisor.dump_stacks(h)
-        h.hung = True
-        self.supervisor.kill(h)
+        self._dump_and_kill([h], "hung")
 
     def _check_leaving(self) -> None:
         """Kill every worker still running a generation ``leave_timeout`` seconds (of this agent's checks) after
@@ -661,15 +658,14 @@ class NodeAgent:
             return
         now = time.monotonic_ns()
         cap = max(1.0, 10 * self.s.timeouts.monitor_interval)
-        alive = {h.pid: h for h in self.handles.values() if h.alive and not h.stuck}
-        for pid in [p for p in self._leave_clocks if p not in alive]:
-            del self._leave_clocks[pid]
         stuck = []
-        for pid, h in alive.items():
+        for h in self.handles.values():
+            if not h.alive or h.killed_for is not None:
+                continue
             c = h.control
             gen, target = c.get("generation"), c.get("target_generation")
             must = hang.must_leave(state=c.state(), beats=c.get("beats"), generation=gen, target=target)
-            waited = self._leave_clocks.setdefault(pid, hang.LeaveClock(cap)).tick(now, must)
+            waited = h.leave_clock.tick(now, must, gap_cap_s=cap)
             if must and waited > self.s.leave_timeout:
                 stuck.append(h)
                 log.error("rank %d (pid %d) still runs generation %d %.1fs after generation %d was announced "
@@ -677,11 +673,18 @@ class NodeAgent:
                           "then SIGKILL", h.rank, h.pid, gen, waited, target, self.s.leave_timeout)
                 events.emit("worker.stuck", rank=h.rank, pid=h.pid, stuck_gen=gen, target=target, waited_s=waited)
                 self.metrics.stuck.inc()
-                self.supervisor.dump_stacks(h, wait=0.0, what="stuck")
-        if stuck:
-            time.sleep(1.0)  # the dumps (SIGUSR1) are written by the workers' signal handlers
-        for h in stuck:
-            h.stuck = True
+        self._dump_and_kill(stuck, "stuck")
+
+    def _dump_and_kill(self, handles: list[WorkerHandle], why: str) -> None:
+        """Dump the stacks of ``handles`` to the log, then SIGKILL them, noting ``why`` (the summary's cause).
+        Workers that write their own dump (faulthandler) get one shared moment for it, however many."""
+        if not handles:
+            return
+        writing_own = [self.supervisor.dump_stacks(h, what=why) for h in handles]
+        if any(writing_own):
+            time.sleep(self.supervisor.DUMP_WAIT_S)
+        for h in handles:
+            h.killed_for = why
             self.supervisor.kill(h)
 
     def _persist(self, final: bool) -> None:

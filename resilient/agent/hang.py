@@ -65,16 +65,15 @@ class LeaveClock:
     counting as ``gap_cap_s``: a paused host (SIGSTOP, a VM freeze) or a starved agent resumes with its
     workers, which then get their time to leave instead of being judged on the pause."""
 
-    gap_cap_s: float
     waited_s: float = 0.0
     last_ns: int | None = None
 
-    def tick(self, now_ns: int, must: bool) -> float:
+    def tick(self, now_ns: int, must: bool, gap_cap_s: float) -> float:
         """Account for the check at ``now_ns``; ``must``: the worker must leave now. Returns the time it had."""
         if not must:
             self.waited_s, self.last_ns = 0.0, None
             return 0.0
         if self.last_ns is not None:
-            self.waited_s += min(max(0.0, (now_ns - self.last_ns) / 1e9), self.gap_cap_s)
+            self.waited_s += min(max(0.0, (now_ns - self.last_ns) / 1e9), gap_cap_s)
         self.last_ns = now_ns
         return self.waited_s

@@ -13,6 +13,12 @@ from resilient.agent.supervisor import describe_exit
 MAX_TRACE_LINES = 25
 
 
+KILLED_FOR = {
+    "hung": "hung (no progress beat)",
+    "stuck": "stuck in an ended generation (did not leave it when the next was announced)",
+}
+
+
 @dataclass(frozen=True)
 class Failure:
     rank: int
@@ -23,15 +29,12 @@ class Failure:
     generation: int
     when: float  # wall time
     error_file: str
-    hung: bool = False
-    stuck: bool = False  # killed for not leaving its generation after the next one was announced
+    killed_for: str | None = None  # why the agent killed it (``WorkerHandle.killed_for``)
 
     def cause(self) -> str:
         what = describe_exit(self.exitcode)
-        if self.hung:
-            what = f"hung (no progress beat), killed: {what}"
-        elif self.stuck:
-            what = f"stuck in an ended generation (did not leave it when the next was announced), killed: {what}"
+        if self.killed_for is not None:
+            what = f"{KILLED_FOR.get(self.killed_for, self.killed_for)}, killed: {what}"
         return f"rank {self.rank} (local {self.local_rank}) on node {self.node}, pid {self.pid}: {what}"
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from resilient import env, events
-from resilient.agent import deathwatch
+from resilient.agent import deathwatch, hang
 from resilient.agent.zygote import Standby, ZygoteClient, launch_request
 from resilient.errors import WorkerError
 from resilient.logs import get_logger
@@ -53,8 +53,8 @@ class WorkerHandle:
     stopping: bool = False  # the agent is stopping it: its exit is not a failure
     generation_handed_ns: int = field(default_factory=time.monotonic_ns)
     reaped: bool = False  # waited for: the process is gone (exitcode may be known earlier, see poll)
-    hung: bool = False  # the agent killed it for making no progress (hang timeout)
-    stuck: bool = False  # the agent killed it for not leaving an ended generation (leave timeout)
+    killed_for: str | None = None  # "hung" (hang timeout) | "stuck" (leave timeout): why the agent killed it
+    leave_clock: hang.LeaveClock = field(default_factory=hang.LeaveClock)  # time had to leave an ended generation
 
     @property
     def alive(self) -> bool:
@@ -135,6 +135,8 @@ class Supervisor:
 
     # a standby is warmed again only when the workers' memory grew by more than this fraction
     REWARM_GROWTH = 0.1
+    # how long a worker dumping its own stacks (faulthandler) gets before it is killed
+    DUMP_WAIT_S = 1.0
 
     def __init__(self, *, target: str, args: list[str], module: bool, no_python: bool,
                  zygote: ZygoteClient | None, tee: tuple[bool, bool], standby: bool = True,
@@ -290,17 +292,18 @@ class Supervisor:
         handle.signal_group(signal.SIGKILL)
         handle.signal_group(signal.SIGCONT)
 
-    def dump_stacks(self, handle: WorkerHandle, wait: float = 1.0, what: str = "hung") -> str:
-        """Write the worker's Python stacks to the log (py-spy when installed, else faulthandler via SIGUSR1,
-        which the worker writes within ``wait`` seconds); ``what`` the worker is, for the log."""
+    def dump_stacks(self, handle: WorkerHandle, what: str) -> bool:
+        """Write the worker's Python stacks to the log (py-spy when installed, else faulthandler via SIGUSR1);
+        ``what`` the worker is, for the log. True when the worker writes them itself (faulthandler, from its
+        signal handler): give it a moment (``DUMP_WAIT_S``) before killing it."""
         pyspy = shutil.which("py-spy")
         if pyspy:
             try:
                 out = subprocess.run([pyspy, "dump", "--pid", str(handle.pid)], capture_output=True, text=True,
-                                     timeout=max(wait, 5.0))
+                                     timeout=5.0)
                 if out.returncode == 0 and out.stdout:
                     log.error("stacks of %s rank %d (pid %d, py-spy):\n%s", what, handle.rank, handle.pid, out.stdout)
-                    return out.stdout
+                    return False
             except (OSError, subprocess.TimeoutExpired) as exc:
                 log.warning("py-spy could not dump pid %d: %s; falling back to faulthandler", handle.pid, exc)
         where = handle.stderr_path or "the console"
@@ -310,9 +313,8 @@ class Supervisor:
             os.kill(handle.pid, signal.SIGUSR1)
             os.kill(handle.pid, signal.SIGCONT)
         except ProcessLookupError:
-            return ""
-        time.sleep(wait)  # the dump is written asynchronously by the worker's signal handler
-        return where
+            return False
+        return True
 
     def close(self, reap_wait: float = 5.0) -> None:
         if self._standby is not None:

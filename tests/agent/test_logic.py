@@ -60,24 +60,25 @@ def test_only_a_worker_still_running_an_announced_generation_must_leave():
 
 
 def test_the_leave_clock_counts_checks_while_the_worker_must_leave_and_restarts_when_it_left():
-    clock = hang.LeaveClock(gap_cap_s=1.0)
-    assert clock.tick(10 * S, must=True) == 0.0, "the first check starts the clock"
-    assert clock.tick(10 * S + S // 2, must=True) == 0.5
-    assert clock.tick(11 * S, must=True) == 1.0
-    assert clock.tick(12 * S, must=False) == 0.0, "it left"
-    assert clock.tick(13 * S, must=True) == 0.0 and clock.tick(13 * S + S // 10, must=True) == 0.1
+    clock = hang.LeaveClock()
+    assert clock.tick(10 * S, must=True, gap_cap_s=1.0) == 0.0, "the first check starts the clock"
+    assert clock.tick(10 * S + S // 2, must=True, gap_cap_s=1.0) == 0.5
+    assert clock.tick(11 * S, must=True, gap_cap_s=1.0) == 1.0
+    assert clock.tick(12 * S, must=False, gap_cap_s=1.0) == 0.0, "it left"
+    assert clock.tick(13 * S, must=True, gap_cap_s=1.0) == 0.0
+    assert clock.tick(13 * S + S // 10, must=True, gap_cap_s=1.0) == 0.1
 
 
 def test_a_pause_of_the_host_counts_as_one_capped_gap_not_its_length():
-    clock = hang.LeaveClock(gap_cap_s=1.0)
-    clock.tick(0, must=True)
-    assert clock.tick(3600 * S, must=True) == 1.0, "an hour's SIGSTOP of agent and workers alike"
-    assert clock.tick(3600 * S + S // 2, must=True) == 1.5
+    clock = hang.LeaveClock()
+    clock.tick(0, must=True, gap_cap_s=1.0)
+    assert clock.tick(3600 * S, must=True, gap_cap_s=1.0) == 1.0, "an hour's SIGSTOP of agent and workers alike"
+    assert clock.tick(3600 * S + S // 2, must=True, gap_cap_s=1.0) == 1.5
 
 
 @given(st.lists(st.tuples(st.integers(0, 5 * S), st.booleans()), max_size=50), st.floats(0.1, 10))
 def test_the_leave_clock_is_the_capped_time_since_the_worker_last_had_left(steps, cap):
-    clock, now, expected, last = hang.LeaveClock(gap_cap_s=cap), 0, 0.0, None
+    clock, now, expected, last = hang.LeaveClock(), 0, 0.0, None
     for gap, must in steps:
         now += gap
         if not must:
@@ -86,7 +87,7 @@ def test_the_leave_clock_is_the_capped_time_since_the_worker_last_had_left(steps
             if last is not None:
                 expected += min(gap / 1e9, cap)
             last = now
-        assert abs(clock.tick(now, must) - expected) < 1e-6
+        assert abs(clock.tick(now, must, gap_cap_s=cap) - expected) < 1e-6
 
 
 def test_worker_environment_follows_torchrun_and_adds_resilient():
@@ -418,8 +419,8 @@ def test_a_failure_while_cut_off_from_etcd_still_starts_a_round_uncharged():
     agent.rdzv, agent.metrics, agent._wake = CutOff(), AgentMetrics(), Waker()
     agent._round_lock, agent._round, agent._fault_gens = threading.Lock(), None, set()
     agent.first_failure, agent.restarts, agent.handles, agent.finished = None, 0, {}, set()
-    worker = SimpleNamespace(rank=1, pid=4242, exitcode=-9, stopping=False, reaped=True, error_file="", hung=True,
-                             stuck=False)
+    worker = SimpleNamespace(rank=1, pid=4242, exitcode=-9, stopping=False, reaped=True, error_file="",
+                             killed_for="hung")
     agent._on_exit(0, worker)
     assert agent._round is not None and agent._round.reason == "fault:h1", "the node recovers (rejoins)"
     assert agent.restarts == 0, "nothing was charged"
