@@ -27,7 +27,7 @@ class Timeouts:
       * lease_ttl is a whole number of seconds >= 2 (etcd's minimum TTL),
       * keepalive_interval <= lease_ttl / 3,
       * lease_ttl > etcd_election_timeout + keepalive_interval (a leader change must not evict a live node),
-      * monitor_interval < hang_timeout and monitor_interval <= keepalive_interval,
+      * 0 < monitor_interval <= keepalive_interval,
       * connect_timeout <= request_deadline, term_grace > 0, last_call < join_timeout.
     """
 
@@ -35,7 +35,6 @@ class Timeouts:
     keepalive_interval: float = 5 / 3
     etcd_election_timeout: float = DEFAULT_ETCD_ELECTION_TIMEOUT_S
     monitor_interval: float = 0.1
-    hang_timeout: float = 60.0
     last_call: float = 1.0
     join_timeout: float = 600.0
     connect_timeout: float = 5.0
@@ -60,10 +59,6 @@ class Timeouts:
             problems.append(
                 f"monitor_interval={self.monitor_interval:g}s must be > 0 and <= keepalive_interval="
                 f"{self.keepalive_interval:g}s"
-            )
-        if self.hang_timeout <= self.monitor_interval:
-            problems.append(
-                f"hang_timeout={self.hang_timeout:g}s must exceed monitor_interval={self.monitor_interval:g}s"
             )
         if self.connect_timeout <= 0 or self.connect_timeout > self.request_deadline:
             problems.append(

@@ -184,7 +184,6 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
     timeouts = Timeouts.from_lease_ttl(
         ns.lease_ttl,
         monitor_interval=ns.monitor_interval,
-        hang_timeout=ns.hang_timeout,
         join_timeout=join_timeout,
         last_call=last_call,
         term_grace=ns.term_grace,
@@ -202,7 +201,7 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
                 cert_cert=ns.etcd_cert,
                 cert_key=ns.etcd_key,
                 user=ns.etcd_user,
-                password=os.environ.get("RESILIENT_ETCD_PASSWORD") if ns.etcd_user else None,
+                password=os.environ.get(env.ETCD_PASSWORD) if ns.etcd_user else None,
                 connect_timeout=timeouts.connect_timeout,
                 request_deadline=timeouts.request_deadline,
             )

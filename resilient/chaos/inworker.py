@@ -23,11 +23,9 @@ import re
 import time
 from dataclasses import dataclass
 
-from resilient import events, failpoints
+from resilient import env, events, failpoints
 from resilient.errors import ConfigError
 
-ENV_SPEC = "RESILIENT_CHAOS_INWORKER"
-ENV_DIR = "RESILIENT_CHAOS_DIR"
 ACTIONS = ("segv", "raise", "panic", "gil", "sleep")
 _ACTION = re.compile(r"^(?P<kind>[a-z]+)(?:\((?P<arg>[0-9.]+)\))?$")
 
@@ -74,7 +72,7 @@ def _claim(term: Term) -> bool:
     """True exactly once per job for a one-shot term (the marker file outlives a respawned worker)."""
     if term.repeat:
         return True
-    directory = os.environ.get(ENV_DIR)
+    directory = os.environ.get(env.CHAOS_DIR)
     if not directory:
         return True
     try:
@@ -89,7 +87,7 @@ def at_step(step: int, local_rank: int | None = None) -> None:
     """Fire the armed terms for this step and this worker (a no-op when nothing is armed)."""
     global _terms
     if _terms is None:
-        _terms = parse(os.environ.get(ENV_SPEC))
+        _terms = parse(os.environ.get(env.CHAOS_INWORKER))
     if not _terms:
         return
     if local_rank is None:

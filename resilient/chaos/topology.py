@@ -219,7 +219,7 @@ class Cluster:
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             env.EVENT_LOG: str(events),
-            "RESILIENT_CHAOS_DIR": str(self.ctl_dir),
+            env.CHAOS_DIR: str(self.ctl_dir),
             env.SHM_DIR: str(self.shm_dir(spec.name)),
         })
         self.shm_dir(spec.name).mkdir(exist_ok=True)
@@ -230,7 +230,7 @@ class Cluster:
             e[env.FAILPOINTS_STATE] = str(self.ctl_dir / "failpoints" / spec.name)
             (self.ctl_dir / "failpoints" / spec.name).mkdir(parents=True, exist_ok=True)
         if spec.name in self.inworker:
-            e["RESILIENT_CHAOS_INWORKER"] = self.inworker[spec.name]
+            e[env.CHAOS_INWORKER] = self.inworker[spec.name]
         if self.network is not None:
             e["GLOO_SOCKET_IFNAME"] = netns_mod.IFACE
         host.cmd, host.env = cmd, e
@@ -243,7 +243,7 @@ class Cluster:
         e = dict(host.env)
         if disarm:  # a restarted host does not re-fire the faults armed in its first life
             e.pop(env.FAILPOINTS, None)
-            e.pop("RESILIENT_CHAOS_INWORKER", None)
+            e.pop(env.CHAOS_INWORKER, None)
         out = open(host.log_path, "ab")
         host.proc = subprocess.Popen(host.cmd, env=e, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, cwd=str(self.run_dir))

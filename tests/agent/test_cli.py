@@ -49,7 +49,7 @@ def test_unreachable_etcd_exits_2_before_starting(capsys):
 
 
 def test_inconsistent_timeouts_are_refused():
-    with pytest.raises(ConfigError, match="hang_timeout"):
+    with pytest.raises(ConfigError, match="--hang-timeout 0.05s must exceed --monitor-interval"):
         cli_args.parse(["--standalone", "--hang-timeout", "0.05", SCRIPT])
 
 

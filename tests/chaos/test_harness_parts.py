@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from resilient import env
 from resilient.chaos import calibrate, inworker, report, scenario as scn
 from resilient.chaos.proxy import TcpProxy
 from resilient.errors import ConfigError
@@ -79,7 +80,7 @@ def test_inworker_terms_parse_and_refuse_bad_ones() -> None:
 
 
 def test_inworker_one_shot_term_fires_once_per_job(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv(inworker.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(env.CHAOS_DIR, str(tmp_path))
     term = inworker.Term("once", "raise", None, 3, 0)
     assert inworker._claim(term) is True
     assert inworker._claim(term) is False  # a respawned worker does not fire it again
@@ -89,8 +90,8 @@ def test_inworker_one_shot_term_fires_once_per_job(tmp_path: Path, monkeypatch) 
 def test_inworker_raise_goes_through_the_failpoint_registry(tmp_path: Path, monkeypatch) -> None:
     from resilient.errors import FailpointError
 
-    monkeypatch.setenv(inworker.ENV_DIR, str(tmp_path))
-    monkeypatch.setenv(inworker.ENV_SPEC, "boom:raise:4:0")
+    monkeypatch.setenv(env.CHAOS_DIR, str(tmp_path))
+    monkeypatch.setenv(env.CHAOS_INWORKER, "boom:raise:4:0")
     monkeypatch.setattr(inworker, "_terms", None)
     inworker.at_step(3, 0)
     inworker.at_step(4, 1)

@@ -226,8 +226,8 @@ def test_a_segment_recreated_larger_under_the_same_name_is_mapped_again(shm_dir)
     writer = SnapshotWriter(runtime)
     try:
         small = cap.capture({"m": torch.nn.Linear(4, 2)})
-        writer.write(small, step=1, generation=1)
-        assert runtime.stall is not None and runtime.stall >= 0, "the stall is passed to the runtime"
+        stall = writer.write(small, step=1, generation=1)
+        assert stall > 0 and runtime.stall == stall == writer.last_stall_s, "the stall is passed to the runtime"
         big = cap.capture({"m": torch.nn.Linear(512, 256)})  # far past the headroom
         writer.write(big, step=2, generation=1)
         with Segment.open(RecreatingRuntime.NAME) as seg:

@@ -1,13 +1,13 @@
-"""Overlapped CUDA snapshots (skipped without a GPU and a CUDA-enabled native store): the training thread
-blocks for less than the synchronous copy of 1 GB, the optimizer step after the snapshot is ordered after
-the copy, and a restore brings back the snapshot bit for bit."""
+"""Overlapped CUDA snapshots (skipped without a GPU and a CUDA-enabled native store): ``ctx.snapshot()`` and
+the optimizer step after it return while the copy of 1 GB still waits behind kernels queued before it,
+the step's update is ordered after the copy on the GPU, and a restore brings back the snapshot bit for bit.
+How long the snapshot blocks is measured by ``bench/snapshot_stall.py --device cuda``."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-import time
 
 import pytest
 import torch
@@ -61,7 +61,15 @@ def make_context(runtime, writer, device) -> Context:
                    snapshot_every=0, seed=0)
 
 
-def test_overlapped_snapshot_blocks_less_than_the_copy_and_restores_bitwise(local_runtime, shm_dir):
+def _busy(dev: torch.device, iters: int = 200) -> torch.Tensor:
+    """Queue a long run of matmuls on the current stream (hundreds of ms on an H100) and return its result."""
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(iters):
+        a = (a @ a).clamp_(-1, 1)
+    return a
+
+
+def test_overlapped_snapshot_returns_before_its_copy_and_restores_bitwise(local_runtime, shm_dir):
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     model = Blob(GB, dev)
@@ -69,42 +77,27 @@ def test_overlapped_snapshot_blocks_less_than_the_copy_and_restores_bitwise(loca
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     writer = SnapshotWriter(local_runtime)
-    sync_seg = None
     try:
         ctx = make_context(local_runtime, writer, dev)
         ctx.protect(model=model, optimizer=opt)
         for _ in range(2):  # segment created, mapping registered, both slots faulted in
             ctx.snapshot()
             writer.finish()
-        # the synchronous copy of the same tensors into a registered segment, measured the same way
-        tensors = {k: v for k, v in model.state_dict().items()}
-        sync_seg = Segment.create("sync-ref", GB + (1 << 20), job="t", rank=0, shm_dir=shm_dir)
-        sync_s = []
-        for i in range(3):
-            torch.cuda.synchronize(dev)
-            began = time.perf_counter()
-            sync_seg.write(tensors, step=i, generation=0)
-            sync_seg.seal()
-            sync_s.append(time.perf_counter() - began)
-        sync_copy = min(sync_s[1:])
 
         expected = {k: v.clone() for k, v in model.state_dict().items()}
         model.count.fill_(5.0)
         expected["count"] = model.count.clone()
         torch.cuda.synchronize(dev)
-        began = time.perf_counter()
+        _busy(dev)  # the copy is ordered after these kernels: it cannot finish before they do
         ctx.snapshot()
-        launch = time.perf_counter() - began
-        assert writer.in_flight
+        assert writer.in_flight and not writer.copy_done(), "snapshot() waited for its copy"
         model.count.add_(1.0)  # a buffer changed by the next forward: the snapshot holds its clone
         opt.step()  # the step pre-hook orders the update after the copy on the GPU, without blocking
+        assert not writer.copy_done(), "the optimizer step waited for the copy on the host"
         torch.cuda.synchronize(dev)
-        writer.poll()  # seals it here unless the step pre-hook already did (the copy had finished)
+        writer.poll()  # the copy has finished: seals it (the step pre-hook found it still running)
         assert not writer.in_flight
         assert writer.segment.latest().step == ctx.completed_steps  # the overlapped snapshot is sealed
-        stall = writer.last_stall_s
-        blocked = launch + stall  # conservative: the writer's stall already counts its part of the launch
-        assert blocked < sync_copy, f"blocked {blocked:.4f}s (stall {stall:.4f}s), synchronous {sync_copy:.4f}s"
 
         snap = writer.segment.read()
         for k, v in expected.items():
@@ -117,8 +110,5 @@ def test_overlapped_snapshot_blocks_less_than_the_copy_and_restores_bitwise(loca
         for k, v in restored.state_dict().items():
             assert same_bits(v, expected[k]), k
     finally:
-        if sync_seg is not None:
-            sync_seg.close()
-            sync_seg.unlink()
         writer.close()
         torch.cuda.empty_cache()

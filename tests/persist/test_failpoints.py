@@ -7,16 +7,25 @@ import json
 
 import pytest
 
-from resilient import failpoints
+from resilient import events, failpoints
 from resilient.errors import ConfigError, FailpointError
 
 from persist_helpers import run_python
 
 
-def test_unarmed_hit_does_nothing():
-    reg = failpoints.Registry()
-    reg.hit("anything")
-    assert reg.armed() == {}
+def test_unarmed_hit_does_nothing(tmp_path):
+    log = str(tmp_path / "events.jsonl")
+    events.open_log(log)
+    try:
+        reg = failpoints.Registry("other=2*raise")
+        reg.hit("anything")  # neither raises nor fires nor touches the armed term
+        assert reg.armed() == {"other": "2*raise"}
+        assert [e for e in events.read(log) if e["kind"] == "failpoint.fired"] == []
+        with pytest.raises(FailpointError):
+            reg.hit("other")  # the log records firings: the armed name does
+        assert [e["name"] for e in events.read(log) if e["kind"] == "failpoint.fired"] == ["other"]
+    finally:
+        events.open_log(None)
 
 
 def test_parse_spec_accepts_commas_semicolons_counts_and_sleep():
@@ -57,9 +66,13 @@ def test_count_limits_how_often_a_term_fires():
     assert reg.armed() == {}
 
 
-def test_sleep_action_continues_after_sleeping():
-    reg = failpoints.Registry("x=1*sleep(1)")
+def test_sleep_action_continues_after_sleeping(monkeypatch):
+    slept = []
+    monkeypatch.setattr(failpoints.time, "sleep", slept.append)
+    reg = failpoints.Registry("x=1*sleep(250)")
+    reg.hit("x")  # returns (no raise) after sleeping the milliseconds given, once
     reg.hit("x")
+    assert slept == [0.25]
     assert reg.armed() == {}
 
 
@@ -87,7 +100,7 @@ def test_env_armed_panic_exits_137_and_emits_fired_event(tmp_path):
     log = tmp_path / "events.jsonl"
     proc = run_python(
         """
-        from resilient import failpoints
+        from resilient import events, failpoints
         failpoints.hit("before")
         print("reached", flush=True)
         failpoints.hit("demo.point", step=7)

@@ -49,12 +49,22 @@ def test_nan_and_negative_zero_survive_bit_for_bit(ckpt_dir):
     assert_same_shards(load(ckpt_dir), shards)
 
 
-def test_non_contiguous_and_noncpu_layouts_are_written_in_logical_order(ckpt_dir):
+def test_non_contiguous_layouts_are_written_in_logical_order(ckpt_dir):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     shards = {0: ShardState(1, 1, b"m", {"t": base.t(), "s": base[:, ::2]})}
     write_checkpoint(open_storage(ckpt_dir), 1, 1, 1, shards, job="j")
     got = load(ckpt_dir)[0].tensors
     assert torch.equal(got["t"], base.t()) and torch.equal(got["s"], base[:, ::2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_tensor_is_written_bit_for_bit_and_read_back_on_the_cpu(ckpt_dir):
+    t = torch.randn(100_003, device="cuda").to(torch.bfloat16)
+    shards = {0: ShardState(1, 1, b"m", {"g": t, "s": t[::3]})}
+    write_checkpoint(open_storage(ckpt_dir), 1, 1, 1, shards, job="j")
+    got = load(ckpt_dir)[0].tensors
+    assert got["g"].device.type == "cpu" and torch.equal(got["g"], t.cpu()) and torch.equal(got["s"], t[::3].cpu())
 
 
 def test_shard_files_are_plain_safetensors_with_meta_in_the_header(ckpt_dir):

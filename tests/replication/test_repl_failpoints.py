@@ -62,12 +62,17 @@ def test_each_repl_failpoint_fires_in_the_commit_sequence_order(make_cluster, ev
 
 
 def test_stall_after_the_commit_txn_leaves_etcd_committed_and_peers_advance(make_cluster, event_log, armed):
+    """The committer stalls for 4 s right after etcd accepted its commit: both agents see step 4 committed
+    (etcd's watch) while it is still stalled, before it reports the commit itself."""
     c = make_cluster(2, replicas=2)
     c.form(1, [0, 1])
-    armed("repl.commit.after_txn=1*sleep(1500)")
+    armed("repl.commit.after_txn=1*sleep(4000)")
     for rank in range(2):
         c.seal(rank, rank, 4, state(rank, 4))
-    c.wait_committed(4, [0, 1])  # the stalled agent learns it from etcd's watch, the other too
+    wait_until(lambda: any(e["kind"] == "failpoint.fired" and e["name"] == "repl.commit.after_txn"
+                           for e in events.read(event_log)), 30, "the committer past its transaction")
+    c.wait_committed(4, [0, 1], timeout=3.0)  # the stalled agent learns it from etcd's watch, the other too
+    assert not [e for e in events.read(event_log) if e["kind"] == "ckpt.committed"], "the committer was not stalled"
     record, _ = read_commit(c.kv, c.keys)
     assert (record.step, record.generation) == (4, 1)
     c.wait_idle([0, 1])

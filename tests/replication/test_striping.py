@@ -5,6 +5,8 @@ and its stripe is fetched from another holder; and a rate-limited holder paces i
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from resilient import events
@@ -67,17 +69,32 @@ def test_whole_pull_when_striping_is_off(make_cluster):
 
 
 def test_a_rate_limited_holder_paces_inside_the_transfer(make_cluster):
-    import time
-
-    from resilient.replication.ratelimit import Pacer
+    """The holder reserves each piece of PACE_BYTES before it goes out (not the shard once), and the waits
+    its pacer asks for add up to the shard's bytes over the rate."""
+    from resilient.replication.ratelimit import PACE_BYTES, Pacer
 
     c, a = four_hosts_all_holding(make_cluster, 4)
     c.mgrs[0].stripe_min_bytes = 1 << 40  # one holder sends the whole shard
     rate = 4 << 20
+    calls, slept = [], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    pacer = Pacer(rate, 0, sleep=sleep)  # as --replication-rate 4 MiB/s, no burst
+
+    def pace(n: int) -> None:
+        calls.append(n)
+        pacer(n)
+
     for i in (1, 2, 3):
-        c.mgrs[i]._pace = Pacer(rate, 0)  # as --replication-rate 4 MiB/s, no burst
+        c.mgrs[i]._pace = pace
     began = time.monotonic()
     src = c.mgrs[0].prepare_restore(0, a)
     elapsed = time.monotonic() - began
     assert torch.equal(c.read(0, src), state(0, 4, N))
-    assert elapsed >= 0.95 * (N * 4) / rate, elapsed
+    nbytes = read_manifests(c.kv, c.keys, 1, 4)[0].nbytes
+    assert sum(calls) == nbytes and len(calls) == -(-nbytes // PACE_BYTES) >= 2, (calls, nbytes)
+    assert 0.9 * nbytes / rate <= sum(slept) <= nbytes / rate, (slept, nbytes / rate)
+    assert elapsed >= sum(slept)

@@ -5,12 +5,12 @@ off the manifest, and a commit transaction fails when a claim it counted went me
 from __future__ import annotations
 
 import threading
-import time
 
-from resilient import failpoints
+from resilient import events, failpoints
 from resilient.replication import placement
 from resilient.replication.commit import COMMIT, WAIT, CommitExecutor, read_commit, read_manifests
 from resilient.replication.manifest import ShardManifest
+from resilient.testing.etcd import wait_until
 from tests.replication.conftest import state
 
 
@@ -78,24 +78,36 @@ def _manifests(c, step: int, holders: dict[int, tuple[str, ...]]) -> None:
         c.kv.put(c.keys.ckpt(1, step, rank), m.encode())
 
 
-def test_a_claim_withdrawn_while_a_commit_is_in_flight_fails_that_commit(make_cluster):
+def test_a_claim_withdrawn_while_a_commit_is_in_flight_fails_that_commit(make_cluster, event_log):
     """The committer read both manifests (two copies each) and is about to write the commit record; the
     holder n1 withdraws its copy of rank 0 in between. The transaction must fail on the changed manifest,
     and the next attempt sees one copy: no commit."""
     c = make_cluster(2, replicas=2)
     c.form(1, [0, 1])
     _manifests(c, 5, {0: ("n0", "n1"), 1: ("n1", "n0")})
+    txns = []
+    fenced_txn = c.fences[0].fenced_txn
+
+    def recording_txn(*args, **kwargs):
+        result = fenced_txn(*args, **kwargs)
+        txns.append(result.succeeded)
+        return result
+
+    c.fences[0].fenced_txn = recording_txn
     executor = CommitExecutor(c.kv, c.keys, c.fences[0])
-    failpoints.arm("repl.commit.before_txn", "1*sleep(600)")
+    failpoints.arm("repl.commit.before_txn", "1*sleep(2000)")
     decisions = []
     try:
         t = threading.Thread(target=lambda: decisions.append(executor.try_commit(1, 2, 5, 2, 2)))
         t.start()
-        time.sleep(0.2)  # the committer read the manifests and sleeps before its transaction
+        # the committer read the manifests, decided to commit and now sleeps before its transaction
+        wait_until(lambda: any(e["kind"] == "failpoint.fired" and e["name"] == "repl.commit.before_txn"
+                               for e in events.read(event_log)), 10, "the committer at its transaction")
         assert CommitExecutor(c.kv, c.keys, None).withdraw(1, 5, 0, "n1") is None
-        t.join(10)
+        t.join(15)
     finally:
         failpoints.arm("repl.commit.before_txn", "off")
+    assert txns == [False], txns  # the one transaction tried failed on the changed manifest
     assert decisions and decisions[0].action == WAIT, decisions
     assert read_commit(c.kv, c.keys)[0] is None
     assert read_manifests(c.kv, c.keys, 1, 5)[0].holders == ("n0",)
