@@ -8,7 +8,9 @@ Prints the current generation (world size, when it formed), each member with its
 agent address, last step seen (``progress/<node>``) and how old that report is, how long its lease has
 left (a live agent keeps it near the TTL; a low value means missed keep-alives), nodes waiting to join,
 the committed checkpoint step, the restart count and whether the job is closed. ``read_status`` gathers
-it as a dict (also what ``--json`` prints); ``format_status`` renders the table.
+it as a dict (also what ``--json`` prints; ``exists`` is false when etcd holds no key of the job at all,
+usually a mistyped ``--rdzv-id``); ``format_status`` renders the table. ``closed_text`` and
+``missing_job_hint`` are shared with ``resilient top``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def read_status(kv: KVStore, job: str, now: float | None = None) -> dict[str, An
         ],
     )
     rdzv, nodes, progress, waiting, committed, restarts, closed, closer = r.responses
+    # a job that ran leaves rdzv, gen/... behind; only when none of the keys read is there, ask whether any
+    # key of the job exists (the whole prefix: small then, by construction)
+    exists = any(r.responses) or bool(kv.get_prefix(keys.prefix)[0])
     generation = int(_json(rdzv[0].value)["g"]) if rdzv else 0
     formed_rev = rdzv[0].mod_revision if rdzv else 0
     assignment = None
@@ -88,6 +93,7 @@ def read_status(kv: KVStore, job: str, now: float | None = None) -> dict[str, An
     budget = BudgetRecord.from_json(restarts[0].value) if restarts else BudgetRecord()
     return {
         "job": job,
+        "exists": exists,
         "generation": generation,
         "world_size": assignment.world_size if assignment else 0,
         "formed_at": assignment.created_at if assignment else None,
@@ -106,11 +112,48 @@ def _fmt(v: Any, unit: str = "") -> str:
     return "-" if v is None else f"{v}{unit}"
 
 
+def _ago(t: Any, now: float) -> str:
+    if not isinstance(t, (int, float)):
+        return "?"
+    return f"{max(0.0, now - t):.1f}s ago"
+
+
+def missing_job_hint(s: dict[str, Any]) -> str | None:
+    """A sentence for a job etcd holds no key of (``read_status``'s ``exists`` is false), else None."""
+    if s.get("exists", True):
+        return None
+    return (f"no key of job {s['job']!r} in etcd (nothing under {JobKeys(s['job']).prefix}): check --rdzv-id "
+            "(the id resilient-run was given) and --rdzv-endpoint (the etcd it used)")
+
+
+def closed_text(closed: Any, now: float) -> str:
+    """The ``closed`` record as ``succeeded (reason) by node, 3.0s ago`` (a record of another shape as is)."""
+    if not isinstance(closed, dict):
+        return str(closed)
+    return f"{closed.get('status')} ({closed.get('reason')}) by {closed.get('by')}, {_ago(closed.get('t'), now)}"
+
+
+def committed_text(s: dict[str, Any]) -> str:
+    """The step of etcd's ``committed`` record; without one ``-``, and why when the job has a single node."""
+    committed = s["committed"]
+    if isinstance(committed, dict):
+        return _fmt(committed.get("step"))
+    if committed is not None:
+        return str(committed)
+    if s["generation"] and len(s["members"]) == 1:
+        return "- (none in etcd yet; a job of --nnodes 1 or --standalone keeps its commits in its agent)"
+    return "-"
+
+
 def format_status(s: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     lines = [f"job {s['job']}"]
+    hint = missing_job_hint(s)
+    if hint is not None:
+        lines.append(f"  {hint}")
+        return "\n".join(lines)
     if s["closed"] is not None:
-        lines.append(f"  CLOSED: {s['closed']}")
+        lines.append(f"  CLOSED: {closed_text(s['closed'], now)}")
     if not s["generation"]:
         lines.append("  no generation has formed yet")
     else:
@@ -119,9 +162,8 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
             f"  generation {s['generation']}: world size {s['world_size']}, {len(s['members'])} nodes, "
             f"formed {age:.1f}s ago, process-group store {s['master']}"
         )
-    committed = s["committed"]
-    step = committed.get("step") if isinstance(committed, dict) else committed
-    lines.append(f"  committed step: {_fmt(step)}    restarts: {s['restarts']}    closer: {_fmt(s['closer'])}")
+    lines.append(f"  committed step: {committed_text(s)}    restarts: {s['restarts']}    "
+                 f"closer: {_fmt(s['closer'])}")
     header = f"  {'node':<16} {'grp':>3} {'ranks':<16} {'alive':<5} {'lease left':>10} {'step':>8} {'reported':>9}  addr"
     rows = s["members"] + s["other_nodes"]
     if rows:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TextIO
 
 from resilient import env
-from resilient.cli_status import add_job_etcd_args, etcd_settings, read_status
+from resilient.cli_status import add_job_etcd_args, closed_text, etcd_settings, missing_job_hint, read_status
 from resilient.config import EtcdSettings
 from resilient.errors import EtcdError, ResilientError
 from resilient.etcd.api import Get, KVStore
@@ -258,15 +258,11 @@ def render(
     if error:
         lines.append(f"ETCD ERROR   {error} (showing the last frame read; retrying)")
     if snap.get("closed") is not None:
-        closed = snap["closed"]
-        if isinstance(closed, dict):
-            closed = (f"{closed.get('status')} ({closed.get('reason')}) by {closed.get('by')}, "
-                      f"{_ago(closed.get('t'), now)}")
-        lines.append(f"CLOSED       {closed}")
+        lines.append(f"CLOSED       {closed_text(snap['closed'], now)}")
     members, others = snap["members"], snap["other_nodes"]
     if not snap["generation"]:
-        hint = "" if members or others or snap["waiting"] else " (no node of this job in etcd: check --rdzv-id)"
-        lines.append(f"generation   none has formed yet{hint}")
+        missing = missing_job_hint(snap)
+        lines.append("generation   none has formed yet" + (f": {missing}" if missing else ""))
     else:
         lines.append(
             f"generation   {snap['generation']}   world size {snap['world_size']}   nodes {len(members)}   "

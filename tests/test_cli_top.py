@@ -185,3 +185,72 @@ def test_rates_follow_progress_reports():
     assert r.update([row(30, 1.0)], now=103.0) == {"a": 10.0}  # no new report: the last rate stays
     assert r.update([row(5, 0.0)], now=104.0) == {}  # rolled back to a committed step: start over
     assert r.update([row(9, 0.0)], now=106.0) == {"a": 2.0}
+
+
+# --- resilient status (the same etcd; its helpers are shared with top) -------------------------------------
+
+def _status(endpoint: str, job: str, *extra: str) -> int:
+    from resilient.cli_status import status_main
+
+    return status_main(["--rdzv-endpoint", endpoint, "--rdzv-id", job, *extra])
+
+
+def test_status_of_a_job_etcd_holds_no_key_of_says_so_and_hints_at_the_id(endpoint, capsys):
+    assert _status(endpoint, "no-such-job") == 0
+    out = capsys.readouterr().out
+    assert "no key of job 'no-such-job' in etcd" in out and "check --rdzv-id" in out
+    assert "no generation has formed yet" not in out  # not a job waiting for its first generation
+    assert _status(endpoint, "no-such-job", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["exists"] is False
+
+
+def test_a_job_with_keys_but_no_generation_gets_no_missing_job_hint(etcd, endpoint, capsys):
+    job = f"closed-early-{os.getpid()}-{next(_jobs)}"
+    with EtcdKV.connect(etcd.settings) as kv:
+        kv.put(JobKeys(job).closed, json.dumps({"status": "failed", "reason": "join timeout", "by": "n0",
+                                                "t": 1.0}).encode())
+    assert _status(endpoint, job) == 0
+    out = capsys.readouterr().out
+    assert "no generation has formed yet" in out and "check --rdzv-id" not in out
+    assert "CLOSED: failed (join timeout) by n0, " in out
+    assert top_main(["--rdzv-endpoint", endpoint, "--rdzv-id", job, "--once"]) == 0
+    top = capsys.readouterr().out
+    assert "none has formed yet" in top and "check --rdzv-id" not in top
+    assert "CLOSED       failed (join timeout) by n0, " in top
+
+
+def test_status_of_a_closed_job_formats_the_close_record_and_shows_the_committed_step(etcd, endpoint, capsys):
+    job = f"closed-{os.getpid()}-{next(_jobs)}"
+    kv = EtcdKV.connect(etcd.settings)
+    settings = RendezvousSettings(2, 2, last_call=0.2, join_timeout=30.0, timeouts=TIMEOUTS)
+    rs = [Rendezvous(kv, job, _node(name, 10 + i), settings) for i, name in enumerate(("node-a", "node-b"))]
+    try:
+        g1 = _join_all(rs)["node-a"]
+        _commit(kv, job, rs[0], g1, 3)
+        rs[0].close_job("succeeded", "every worker of node node-a finished")
+    finally:
+        for r in rs:
+            r.leave()
+        kv.close()
+    assert _status(endpoint, job) == 0
+    out = capsys.readouterr().out
+    closed = next(line for line in out.splitlines() if "CLOSED" in line)
+    assert closed.startswith("  CLOSED: succeeded (every worker of node node-a finished) by node-a, ")
+    assert closed.endswith("s ago") and "{" not in closed  # readable, not a Python dict
+    assert "committed step: 3 " in out
+
+
+def test_status_of_a_single_node_job_says_why_etcd_holds_no_committed_step(etcd, endpoint, capsys):
+    job = f"single-{os.getpid()}-{next(_jobs)}"
+    kv = EtcdKV.connect(etcd.settings)
+    r = Rendezvous(kv, job, _node("solo", 20), RendezvousSettings(1, 1, last_call=0.2, join_timeout=30.0,
+                                                                 timeouts=TIMEOUTS))
+    try:
+        _join_all([r])
+        r.close_job("succeeded", "every worker of node solo finished")
+    finally:
+        r.leave()
+        kv.close()
+    assert _status(endpoint, job) == 0
+    out = capsys.readouterr().out
+    assert "committed step: - (none in etcd yet; a job of --nnodes 1 or --standalone keeps its commits in its agent)" in out

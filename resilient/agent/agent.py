@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -39,9 +40,11 @@ from resilient.agent.worker_service import WorkerService, serve
 from resilient.agent.waker import Waker
 from resilient.agent.zygote import ZygoteClient, anon_bytes_of
 from resilient.errors import (
+    ConfigError,
     EtcdError,
     EtcdUnavailableError,
     FencedError,
+    PersistError,
     RendezvousClosedError,
     RendezvousError,
     RestartBudgetExceededError,
@@ -199,10 +202,14 @@ class NodeAgent:
     # start-up
     # ------------------------------------------------------------------------------------------------
     def connect(self) -> None:
-        """Reach etcd (or start the embedded one). Raises before anything else is started."""
+        """Bind the metrics port (``--metrics-port``), then reach etcd (or start the embedded one). Raises
+        (``ConfigError`` for a port that cannot be bound, ``EtcdError``) before anything else is started."""
         from resilient.config import EtcdSettings
         from resilient.etcd.client import EtcdKV
 
+        if self.s.metrics_port is not None and self.metrics.port is None:
+            port = self.metrics.serve(self.s.metrics_port)
+            log.info("Prometheus metrics on port %d", port)
         settings = self.s.etcd
         if self.s.standalone:
             from resilient.etcd.server import EmbeddedEtcd
@@ -239,9 +246,6 @@ class NodeAgent:
         service = WorkerService(self.hub, lambda: self.snapshots, on_register=self._on_register,
                                 on_stall=self.metrics.snapshot_stall.observe)
         self.server = serve(service, os.path.join(self.run_dir, "agent.sock"), max_workers=2 * self.s.nproc_per_node + 4)
-        if self.s.metrics_port is not None:
-            port = self.metrics.serve(self.s.metrics_port)
-            log.info("Prometheus metrics on port %d", port)
         rsettings = RendezvousSettings.from_timeouts(self.s.nodes, self.s.timeouts, self.s.max_restarts,
                                                      self.s.restart_window)
         self.rdzv = Rendezvous(self.kv, self.s.job_id, node, rsettings)
@@ -304,6 +308,7 @@ class NodeAgent:
     def run(self) -> int:
         outcome = "failed"
         code = EXIT_FAILED
+        refusal = ""
         try:
             self._install_signals()
             self._form_generation("start", detected_at=None)
@@ -315,13 +320,22 @@ class NodeAgent:
             self._close_job("failed", str(exc))
         except RendezvousError as exc:
             code, outcome = EXIT_FAILED, f"failed: {exc}"
+        except PersistError as exc:  # e.g. every committed durable checkpoint is damaged: nothing may train
+            code, outcome = EXIT_FAILED, f"failed: {exc}"
+            self._close_job("failed", str(exc))
+        except ConfigError as exc:  # refused after start-up: the job id is a closed job's
+            code, outcome, refusal = EXIT_USAGE, f"refused: {exc}", str(exc)
         finally:
             self._stop_all(self.s.timeouts.term_grace)
         events.emit("agent.exit", code=code, reason=outcome)
+        if code == EXIT_USAGE:  # like every refusal of resilient-run: one message, no summary
+            print(f"resilient-run: error: {refusal}", file=sys.stderr, flush=True)
+            return code
         print(summary.render(job=self.s.job_id, node=self.s.node_id, exit_code=code, outcome=outcome,
                              first=self.first_failure, restarts=self.restarts,
                              generation=self.assignment.generation if self.assignment else None,
-                             committed_step=self.snapshots.committed_step() if self.snapshots else None),
+                             committed_step=self.snapshots.committed_step() if self.snapshots else None,
+                             durable=self.durable.summary_line() if self.durable is not None else None),
               flush=True)
         return code
 
@@ -426,6 +440,12 @@ class NodeAgent:
     def _closed_exit(status: str, reason: str) -> tuple[int, str]:
         return EXIT_OK if status == "succeeded" else EXIT_FAILED, f"job closed ({status}: {reason})"
 
+    def _closed_before_joining(self, status: str, reason: str) -> str:
+        endpoints = ",".join(self.s.etcd.endpoints) if self.s.etcd is not None else "HOST:PORT"
+        return (f"job {self.s.job_id!r} was already closed ({status}: {reason}) before this node joined; a job id "
+                f"cannot be reused: pass a new --rdzv-id, or delete the old job's keys with "
+                f"`etcdctl --endpoints {endpoints} del --prefix {self.keys.prefix}`.")
+
     def _closed_status(self) -> tuple[str, str]:
         try:
             kv = self.kv.get(self.keys.closed)
@@ -448,6 +468,10 @@ class NodeAgent:
             a = self.rdzv.join()
         except RendezvousClosedError as exc:
             status, why = self._closed_status()
+            if self.assignment is None:
+                # closed before this node ever took part: a finished job's id reused, not this node's outcome
+                self._leave()
+                raise ConfigError(self._closed_before_joining(status, why)) from exc
             self._job_closed(status, why)
             if status in ("succeeded", "done") and any(h.alive for h in self.handles.values()):
                 log.info("the job finished elsewhere; letting this node's workers finish")
@@ -538,7 +562,7 @@ class NodeAgent:
         env_w = WorkerAssignment(**{**w.__dict__, "master_port": env_port})
         env_vars = worker_environment(os.environ, env_w, group_world_size=len(self.assignment.nodes),
                                       max_restarts=self.s.max_restarts, snapshot_every=self.s.snapshot_every,
-                                      paths=paths)
+                                      paths=paths, role=self.s.role)
         if self.zygote is not None and not self.zygote.usable():
             self.zygote.wait_ready(ZYGOTE_READY_TIMEOUT)
         self.handles[slot] = self.supervisor.start(

@@ -1,20 +1,25 @@
 """The ``resilient-run`` command line: torchrun's core flags (same names and meaning) plus resilient's own.
 
-``parse(argv)`` returns a validated ``AgentSettings`` or raises ``ConfigError``/``SystemExit`` (argparse's
-usage errors) before anything is started.
+Every torchrun flag is known: supported, accepted and ignored with a warning (``ignored_flags``), or refused
+with what to do instead (``UNSUPPORTED_TORCHRUN_FLAGS``). ``parse(argv)`` returns a validated
+``AgentSettings`` or raises ``ConfigError``/``SystemExit`` (argparse's usage errors) before anything is
+started; messages name the flags as the user wrote them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from typing import Sequence
 
-from resilient import env
+from resilient import env, logs
 from resilient.agent.settings import AgentSettings
 from resilient.config import EtcdSettings, NodeRange, Timeouts
 from resilient.errors import ConfigError
+
+log = logs.get_logger(__name__)
 
 DESCRIPTION = """\
 Launch and supervise a PyTorch training script on this node, like torchrun, with fast failure detection
@@ -43,14 +48,87 @@ def _bool_or_int(value: str) -> int:
     return n
 
 
-def _nonneg_float(value: str) -> float:
+def _seconds(value: str) -> float:
+    """A finite number of seconds (range checks, which name the flag, come later)."""
     try:
         f = float(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from exc
-    if f < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
+    if not math.isfinite(f):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number of seconds")
     return f
+
+
+# torchrun flags (torch 2.13) resilient-run does not support: flag spellings -> (takes a value, what to do).
+# Each is refused with its own message instead of argparse's bare "unrecognized arguments".
+UNSUPPORTED_TORCHRUN_FLAGS: dict[tuple[str, ...], tuple[bool, str]] = {
+    ("--run-path", "--run_path"): (
+        False,
+        "resilient-run always starts each worker as its own process (forked from a warm zygote, or spawned), "
+        "never inside the launcher's interpreter; drop it",
+    ),
+    ("--local-ranks-filter", "--local_ranks_filter"): (
+        True,
+        "to keep the console quiet, send the worker streams to per-rank files with --log-dir DIR -r 3 and read "
+        "the ranks you want there; drop it",
+    ),
+    ("--logs-specs", "--logs_specs"): (
+        True,
+        "per-rank log files are laid out by --log-dir with -r/--redirects or -t/--tee (see docs/configuration.md); "
+        "drop it",
+    ),
+    ("--event-log-handler", "--event_log_handler"): (
+        True,
+        "resilient-run writes its events as JSON lines to the file given by --event-log FILE; use that instead",
+    ),
+    ("--duplicate-stdout-filters", "--duplicate_stdout_filters"): (
+        True,
+        "use -t 1 (or -t 3) with --log-dir DIR: every stdout line goes to the rank's file under DIR and to the "
+        "console, and you can filter those files; drop it",
+    ),
+    ("--duplicate-stderr-filters", "--duplicate_stderr_filters"): (
+        True,
+        "use -t 2 (or -t 3) with --log-dir DIR: every stderr line goes to the rank's file under DIR and to the "
+        "console, and you can filter those files; drop it",
+    ),
+    ("--numa-binding", "--numa_binding"): (
+        True,
+        "resilient-run does not bind workers to CPUs; bind in the script (os.sched_setaffinity by LOCAL_RANK) "
+        "if you need it, and drop the flag",
+    ),
+    ("--signals-to-handle", "--signals_to_handle"): (
+        True,
+        "resilient-run handles SIGTERM and SIGINT itself (preemption: workers finish their step, snapshot and "
+        "stop within --preempt-grace); drop it",
+    ),
+    ("--shutdown-timeout", "--shutdown_timeout"): (
+        True,
+        "use --term-grace SECONDS, the time between SIGTERM and SIGKILL when a worker is stopped",
+    ),
+    ("--virtual-local-rank", "--virtual_local_rank"): (
+        False,
+        "workers get LOCAL_RANK 0..nproc-1 and see every device; pick the device by LOCAL_RANK in the script "
+        "(as torchrun does by default) and drop it",
+    ),
+}
+
+# --rdzv-backend values accepted (torchrun's dynamic backends): resilient uses its own etcd rendezvous for all
+ACCEPTED_RDZV_BACKENDS = ("c10d", "etcd", "etcd-v2")
+# --rdzv-conf keys resilient reads; torchrun's others are ignored with a warning
+RDZV_CONF_KEYS = ("join_timeout", "last_call_timeout", "last_call")
+
+
+class _Unsupported(argparse.Action):
+    """A torchrun flag resilient-run refuses: raises ``ConfigError`` with what to do instead."""
+
+    def __init__(self, option_strings, dest, advice: str, takes_value: bool, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?" if takes_value else 0, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.advice = advice
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        flag = self.option_strings[0]
+        raise ConfigError(f"{flag} is a torchrun flag that resilient-run does not support: {self.advice}.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,22 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated etcd endpoints host:port (failover in order).")
     t.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id", default=None,
                    help="job id shared by every node of the job (default 'default', or random with --standalone).")
-    t.add_argument("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", default="etcd",
-                   help="accepted for torchrun compatibility; resilient always uses etcd v3.")
+    t.add_argument("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", default=None,
+                   help="c10d, etcd or etcd-v2, accepted for torchrun compatibility: resilient always uses its "
+                        "own etcd v3 rendezvous at --rdzv-endpoint. Others (static...) are refused.")
     t.add_argument("--rdzv-conf", "--rdzv_conf", dest="rdzv_conf", default="",
-                   help="key=value,... : join_timeout and last_call (seconds) are read, others ignored.")
+                   help="key=value,... : join_timeout and last_call_timeout (seconds) are read, others are "
+                        "ignored with a warning.")
     t.add_argument("--standalone", action="store_true",
-                   help="single-node job with an embedded etcd started and stopped by this launcher.")
+                   help="single-node job with an embedded etcd started and stopped by this launcher "
+                        "(not with --rdzv-endpoint).")
     t.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=3,
                    help="job-wide restart budget (within --restart-window) before the job fails. Default 3.")
-    t.add_argument("--monitor-interval", "--monitor_interval", dest="monitor_interval", type=float, default=None,
-                   help="seconds between checks of the workers (exit, hang). Default min(0.1, lease_ttl/3).")
+    t.add_argument("--monitor-interval", "--monitor_interval", dest="monitor_interval", type=_seconds,
+                   default=None,
+                   help="seconds between checks of the workers (exit, hang), > 0 and <= --lease-ttl/3. "
+                        "Default min(0.1, lease_ttl/3).")
     t.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=None,
-                   help="accepted for compatibility; node order is decided by the rendezvous.")
+                   help="ignored with a warning: node order is decided by the rendezvous.")
     t.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None,
-                   help="accepted for compatibility; the rendezvous picks the store host.")
+                   help="ignored with a warning: the rendezvous picks the store host.")
     t.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
-                   help="accepted for compatibility; the rendezvous picks the store port.")
+                   help="ignored with a warning: the rendezvous picks the store port.")
     t.add_argument("--local-addr", "--local_addr", dest="local_addr", default=None,
                    help="address peers use to reach this node (default 127.0.0.1 for single-host jobs, "
                         "else this host's name).")
@@ -94,10 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redirect worker std streams into --log-dir files: 0 none, 1 stdout, 2 stderr, 3 both.")
     t.add_argument("-t", "--tee", dest="tee", type=_bool_or_int, default=0,
                    help="like --redirects and also copy to the console, prefixed by the rank.")
-    t.add_argument("--role", default="default", help="accepted for compatibility.")
-    t.add_argument("--start-method", "--start_method", dest="start_method", default="spawn",
+    t.add_argument("--role", default="default", help="the workers' role, handed to them as ROLE_NAME. Default "
+                                                      "'default'.")
+    t.add_argument("--start-method", "--start_method", dest="start_method", default=None,
                    choices=("spawn", "fork", "forkserver"),
-                   help="accepted for compatibility; resilient forks from a warm zygote when safe.")
+                   help="ignored with a warning: resilient forks from a warm zygote when safe, else spawns.")
     t.add_argument("-m", "--module", dest="module", action="store_true",
                    help="run the script as a module (python -m).")
     t.add_argument("--no-python", "--no_python", dest="no_python", action="store_true",
@@ -106,25 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("resilient options")
     r.add_argument("--lease-ttl", type=int, default=5,
                    help="etcd lease TTL in whole seconds (>= 2): a lost host is noticed within it. Default 5.")
-    r.add_argument("--hang-timeout", type=float, default=None,
+    r.add_argument("--hang-timeout", type=_seconds, default=None,
                    help="seconds without a progress beat (after the first) before a worker is declared hung, "
                         "its stacks dumped and it is killed. Default: off.")
-    r.add_argument("--leave-timeout", type=float, default=60.0,
+    r.add_argument("--leave-timeout", type=_seconds, default=60.0,
                    help="seconds a worker has to leave its generation once the next one is announced (its "
                         "collective fails or its step ends); one still in it then is stuck (a CUDA sync on a "
                         "NCCL collective whose peer is gone): its stacks are dumped, it is killed and replaced. "
                         "0: off. Default 60.")
-    r.add_argument("--join-timeout", type=float, default=None,
-                   help="seconds to wait for MIN nodes to join. Default 600.")
-    r.add_argument("--last-call", type=float, default=None,
+    r.add_argument("--join-timeout", type=_seconds, default=None,
+                   help="seconds to wait for MIN nodes to join (longer than --last-call). Default 600.")
+    r.add_argument("--last-call", type=_seconds, default=None,
                    help="seconds a rendezvous stays open for more nodes once MIN have joined. Default 1.")
-    r.add_argument("--term-grace", type=float, default=None,
+    r.add_argument("--term-grace", type=_seconds, default=None,
                    help="seconds between SIGTERM and SIGKILL when stopping a worker. Default 5.")
-    r.add_argument("--preempt-grace", type=float, default=60.0,
+    r.add_argument("--preempt-grace", type=_seconds, default=60.0,
                    help="on SIGTERM to the launcher: seconds the workers get to finish the step and "
                         "snapshot before they are stopped. Default 60.")
-    r.add_argument("--restart-window", type=float, default=3600.0,
-                   help="seconds over which --max-restarts is counted. Default 3600.")
+    r.add_argument("--restart-window", type=_seconds, default=3600.0,
+                   help="seconds over which --max-restarts is counted (> 0). Default 3600.")
     r.add_argument("--replicas", type=int, default=2,
                    help="copies of each snapshot shard on distinct hosts (capped at the node count). Default 2.")
     r.add_argument("--snapshot-every", type=int, default=1,
@@ -148,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--etcd-cert", default=None, help="client certificate for etcd mTLS.")
     r.add_argument("--etcd-key", default=None, help="client key for etcd mTLS.")
     r.add_argument("--etcd-user", default=None, help="etcd user (password from $RESILIENT_ETCD_PASSWORD).")
+
+    for flags, (takes_value, advice) in UNSUPPORTED_TORCHRUN_FLAGS.items():
+        p.add_argument(*flags, dest=f"unsupported_{flags[0][2:].replace('-', '_')}", action=_Unsupported,
+                       advice=advice, takes_value=takes_value)
 
     p.add_argument("script", help="training script (or module with -m, executable with --no-python).")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script.")
@@ -177,10 +265,97 @@ def _nproc(value: str) -> int:
         raise ConfigError(f"--nproc-per-node {value!r} must be an integer, 'cpu', 'gpu' or 'auto'.") from exc
 
 
+def _flag_problems(ns: argparse.Namespace, conf: dict[str, str], join_timeout: float | None,
+                   last_call: float | None) -> list[str]:
+    """What is wrong with the command line before the settings objects are built, each naming its flag (the
+    ``Timeouts`` and ``RendezvousSettings`` messages name their fields, which resilient-run users never see)."""
+    problems = []
+    if ns.rdzv_backend is not None and ns.rdzv_backend not in ACCEPTED_RDZV_BACKENDS:
+        why = ("static rendezvous (fixed --node-rank and --master-addr) is not supported: resilient coordinates "
+               "its nodes through etcd" if ns.rdzv_backend == "static" else "it is not a rendezvous backend "
+               "resilient-run knows")
+        problems.append(
+            f"--rdzv-backend {ns.rdzv_backend!r}: {why}; drop --rdzv-backend (or pass one of "
+            f"{', '.join(ACCEPTED_RDZV_BACKENDS)}), and give an etcd with --rdzv-endpoint HOST:PORT or use "
+            "--standalone on a single node"
+        )
+    if ns.standalone and ns.rdzv_endpoint:
+        problems.append(
+            f"--standalone starts its own etcd; drop --rdzv-endpoint, or drop --standalone to use the etcd at "
+            f"{ns.rdzv_endpoint}"
+        )
+    ttl = ns.lease_ttl
+    if ttl < 2:
+        problems.append(f"--lease-ttl {ttl} must be a whole number of seconds >= 2 (etcd's minimum lease TTL)")
+    if ns.monitor_interval is not None and ttl >= 2 and not 0 < ns.monitor_interval <= ttl / 3:
+        problems.append(
+            f"--monitor-interval {ns.monitor_interval:g} must be > 0 and <= --lease-ttl/3 ({ttl / 3:.4g} s with "
+            f"--lease-ttl {ttl}); lower it, or raise --lease-ttl"
+        )
+    join_name = "--join-timeout"
+    if ns.join_timeout is None and "join_timeout" in conf:
+        join_name = "--rdzv-conf join_timeout"
+    last_name = "--last-call"
+    if ns.last_call is None:
+        last_name = next((f"--rdzv-conf {k}" for k in ("last_call_timeout", "last_call") if k in conf), last_name)
+    join = join_timeout if join_timeout is not None else Timeouts.join_timeout
+    last = last_call if last_call is not None else Timeouts.last_call
+    join_given, last_given = _given(join_name, join), _given(last_name, last)
+    if last < 0:
+        problems.append(f"{last_given} must be >= 0")
+        if join <= 0:
+            problems.append(f"{join_given} must be > 0")
+    elif last >= join:
+        problems.append(
+            f"{last_given} must be shorter than {join_given}, or a round can time out while it still waits for "
+            f"latecomers; raise {join_name} or lower {last_name}"
+        )
+    if ns.term_grace is not None and ns.term_grace <= 0:
+        problems.append(f"--term-grace {ns.term_grace:g} s must be > 0")
+    if ns.restart_window <= 0:
+        problems.append(
+            f"--restart-window {ns.restart_window:g} s must be > 0 (restarts are counted over that many seconds)"
+        )
+    return problems
+
+
+def _given(name: str, seconds: float) -> str:
+    """How the user wrote a duration: ``--join-timeout 5 s`` or ``--rdzv-conf join_timeout=5``."""
+    return f"{name}={seconds:g}" if name.startswith("--rdzv-conf") else f"{name} {seconds:g} s"
+
+
+def ignored_flags(ns: argparse.Namespace) -> list[str]:
+    """torchrun flags given on this command line that resilient-run accepts but does not use, each with why."""
+    notes = []
+    static = [f"{flag} {value}" for flag, value in (("--node-rank", ns.node_rank), ("--master-addr", ns.master_addr),
+                                                    ("--master-port", ns.master_port)) if value is not None]
+    if static:
+        notes.append(
+            f"{', '.join(static)} (torchrun uses {'it' if len(static) == 1 else 'them'} only for static rendezvous; "
+            "resilient's etcd rendezvous orders the nodes, and the agent of group rank 0 hosts the store on a port "
+            "it picks)"
+        )
+    if ns.start_method is not None:
+        notes.append(
+            f"--start-method {ns.start_method} (workers are forked from a warm zygote when safe, else spawned; "
+            "--no-zygote always spawns)"
+        )
+    unknown = [k for k in _parse_rdzv_conf(ns.rdzv_conf) if k not in RDZV_CONF_KEYS]
+    if unknown:
+        notes.append(
+            f"--rdzv-conf {', '.join(unknown)} (only {', '.join(RDZV_CONF_KEYS[:2])} are read; "
+            "see --join-timeout and --last-call)"
+        )
+    return notes
+
+
 def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
     conf = _parse_rdzv_conf(ns.rdzv_conf)
     join_timeout = ns.join_timeout if ns.join_timeout is not None else _float_conf(conf, "join_timeout")
     last_call = ns.last_call if ns.last_call is not None else _float_conf(conf, "last_call_timeout", "last_call")
+    problems = _flag_problems(ns, conf, join_timeout, last_call)
+    if problems:
+        raise ConfigError("Invalid resilient-run options: " + "; ".join(problems) + ".")
     timeouts = Timeouts.from_lease_ttl(
         ns.lease_ttl,
         monitor_interval=ns.monitor_interval,
@@ -244,6 +419,7 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
         zygote=ns.zygote,
         standby=ns.standby,
         advertise_addr=advertise,
+        role=ns.role,
     )
 
 
@@ -267,4 +443,11 @@ def parse(argv: Sequence[str] | None = None) -> AgentSettings:
     """Parse and validate; ``SystemExit(2)`` for usage errors, ``ConfigError`` for inconsistent values."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    return settings_from_args(ns)
+    settings = settings_from_args(ns)
+    if ns.rdzv_backend is not None:
+        log.info("--rdzv-backend %s: resilient-run always uses its own etcd v3 rendezvous (%s)", ns.rdzv_backend,
+                 "the embedded etcd of --standalone" if settings.standalone else "the etcd at --rdzv-endpoint")
+    notes = ignored_flags(ns)
+    if notes:
+        log.warning("resilient-run ignores these torchrun flags: %s.", "; ".join(notes))
+    return settings

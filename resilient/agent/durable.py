@@ -2,22 +2,74 @@
 every ``--persist-every`` steps (in the background), on SIGTERM and at job end (synchronously), and seed
 this node's segments from the newest complete checkpoint when a job starts with nothing in memory.
 
+Cadence. The agent looks at the committed step once per monitor tick (``--monitor-interval``, 0.1 s by
+default) and persists it when it is at least ``--persist-every`` steps past the last step it persisted
+(the first committed step it sees is always persisted). Only the newest committed snapshot is held in
+memory, so when steps are faster than the tick the persisted steps are ``N`` or more apart rather than
+exact multiples of ``N`` (said once at INFO). A persist that is due while the previous one is still being
+written waits in a queue of one; a newer due step replaces it there (INFO log, ``persist.superseded``).
+
+Seeding never starts a job from scratch over committed work: a newer damaged checkpoint is set aside
+(renamed, never deleted, see ``resilient.persist.reader.set_aside``) when an older one loads; when every
+committed checkpoint is damaged, or the newest one was written by a job of another world size, ``seed``
+raises ``PersistError`` naming each directory and what to do.
+
 One node (``LocalSnapshots``): this node holds every rank's shard and writes whole checkpoints with the
 ``Persister``. Several nodes (the ``ShardManager`` behind the agent's adapter, which has ``.manager``):
 ``resilient.replication.durable.ShardedPersist`` has each agent write its own shards and the agent of
 group rank 0 commit the manifest; it also restores from disk when no copy in memory is left.
-``persist.done`` / ``persist.failed`` events report each attempt.
+``persist.done`` / ``persist.failed`` events report each attempt; ``summary_line`` says, for the exit
+summary, which checkpoint is on disk and whether the last persist failed.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
+import threading
+from dataclasses import dataclass
 
 from resilient import events
-from resilient.errors import PersistError, ResilientError
+from resilient.errors import CheckpointCorruptError, PersistError, ResilientError
 from resilient.logs import get_logger
 
 log = get_logger(__name__)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Short form of why a persist failed, for the exit summary: the errno's name and the OS error when an
+    OS error caused it (``ENOSPC: [Errno 28] No space left on device: '...'``), else the error itself."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return f"{errno_mod.errorcode.get(cur.errno, str(cur.errno))}: {cur}"
+        cur = cur.__cause__ or cur.__context__
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one persist: ``error`` None when it committed."""
+
+    step: int
+    final: bool
+    error: str | None = None
+
+
+def summary_text(directory: str, newest_step: int | None, last: Attempt | None, damaged: int = 0) -> str:
+    """The exit summary's durable line: the newest checkpoint on disk (``damaged``: how many committed ones
+    there fail their manifest or size check, said when none is intact), and the last persist if it failed."""
+    if newest_step is not None:
+        text = f"step {newest_step} in {directory}"
+    elif damaged:
+        text = f"none intact in {directory} ({damaged} damaged, see the warnings above)"
+    else:
+        text = f"none in {directory}"
+    if last is not None and last.error is not None:
+        which = f"the final persist of step {last.step}" if last.final else f"the last persist, of step {last.step},"
+        text += f" ({which} failed: {last.error})"
+    return text
 
 
 class Durable:
@@ -28,7 +80,10 @@ class Durable:
         self.every = every
         self._persister = None
         self._sharded = None
-        self._last: int | None = None
+        self._last: int | None = None  # last step handed to the persister
+        self._lock = threading.Lock()
+        self._attempt: Attempt | None = None  # newest attempt to finish (by step, then final over background)
+        self._told_cadence = False
 
     def _sharded_for(self, snapshots):
         """The multi-node persister, when ``snapshots`` is the ShardManager adapter (else None)."""
@@ -50,6 +105,18 @@ class Durable:
                                                                            dir=self.directory))
         return self._persister
 
+    def _record(self, attempt: Attempt) -> None:
+        with self._lock:
+            last = self._attempt
+            if last is None or (attempt.step, attempt.final) >= (last.step, last.final):
+                self._attempt = attempt
+
+    def _on_done(self, step: int, future) -> None:
+        if future.cancelled():
+            return  # superseded by a newer step (the persister logged it)
+        exc = future.exception()
+        self._record(Attempt(step, False, describe_failure(exc) if exc is not None else None))
+
     def _shards(self, snapshots, step: int, ranks: tuple[int, ...]):
         from resilient.store import Segment
 
@@ -65,6 +132,24 @@ class Durable:
                 seg.close()
         return out
 
+    def _due(self, step: int) -> bool:
+        """Whether a background persist of committed ``step`` is due (see the module doc's cadence)."""
+        if self.every <= 0:
+            return False
+        if self._last is None:
+            return True
+        due = self._last + self.every
+        if step < due:
+            return False
+        if step > due:
+            say = log.debug if self._told_cadence else log.info
+            say("persisting step %d: step %d was due (--persist-every %d), but the agent sees the committed step "
+                "once per monitor tick and only the newest committed snapshot is in memory, so the steps in between "
+                "are not persisted%s", step, due, self.every,
+                "" if self._told_cadence else " (said once; later ones at DEBUG)")
+            self._told_cadence = True
+        return True
+
     def maybe_persist(self, snapshots, ranks: tuple[int, ...], world_size: int, generation: int, *,
                       final: bool) -> None:
         sharded = self._sharded_for(snapshots)
@@ -72,9 +157,14 @@ class Durable:
             sharded.tick(final=final)
             return
         step = snapshots.committed_step()
-        if step is None or step == self._last:
+        if step is None:
             return
-        if not final and (self.every <= 0 or (self._last is not None and step - self._last < self.every)):
+        if final:
+            with self._lock:
+                done = self._attempt is not None and self._attempt.step == step and self._attempt.error is None
+            if done:
+                return
+        elif step == self._last or not self._due(step):
             return
         if len(ranks) != world_size:
             if final:
@@ -86,8 +176,10 @@ class Durable:
                 return
             if final:
                 self._local().persist(step, generation, world_size, shards)
+                self._record(Attempt(step, True))
             else:
-                self._local().submit(step, generation, world_size, shards)
+                future = self._local().submit(step, generation, world_size, shards)
+                future.add_done_callback(lambda f, s=step: self._on_done(s, f))
                 events.emit("persist.submitted", step=step, dir=self.directory)
             self._last = step
         except (ResilientError, OSError) as exc:
@@ -95,21 +187,44 @@ class Durable:
             events.emit("persist.failed", step=step, errno=errno_mod.errorcode.get(code, code) if code else None,
                         error=str(exc))
             log.warning("persisting step %d failed: %s", step, exc)
+            self._record(Attempt(step, final, describe_failure(exc)))
 
     def seed(self, snapshots, ranks: tuple[int, ...], world_size: int) -> int | None:
-        """Load the newest complete checkpoint into this node's segments; returns its step (None: none)."""
-        from resilient.persist import latest_complete, load
+        """Load the newest complete checkpoint into this node's segments; returns its step (None: nothing
+        committed in the persist directory). Newer damaged checkpoints are set aside. ``PersistError`` when
+        committed checkpoints exist but none can be used: the job must not start from scratch over them."""
+        from resilient.persist import find_latest
         from resilient.store import Segment
 
         if self._sharded_for(snapshots) is not None:
             return None  # restored lazily: the ShardManager falls back to the durable tier per rank
-        manifest = latest_complete(self.directory)
+        try:
+            found = find_latest(self.directory, load_states=True, set_aside_damaged=True)
+        except OSError as exc:
+            raise PersistError(
+                f"Cannot read the persist directory {self.directory} ({type(exc).__name__}: {exc}), so the job "
+                f"cannot tell whether it holds a checkpoint to resume from. Fix its permissions or storage, or "
+                f"point --persist-dir at another directory."
+            ) from exc
+        if found.all_damaged:
+            raise CheckpointCorruptError(
+                f"Every committed checkpoint in {found.location} is damaged, so the job cannot resume from it, and "
+                f"it does not start from scratch over committed work. {found.damage_report()} Nothing was changed "
+                f"or deleted. Repair them or move them out of {found.location} (the newest intact one left is then "
+                f"used), or point --persist-dir at a fresh directory to start from scratch."
+            )
+        manifest, states = found.manifest, found.states
         if manifest is None:
             return None
-        states = load(manifest)
-        if len(states) != world_size or not hasattr(snapshots, "adopt_sealed"):
-            log.warning("checkpoint of step %d has %d ranks, this job %d: not seeded", manifest.step, len(states),
-                        world_size)
+        if len(states) != world_size:
+            raise PersistError(
+                f"The newest checkpoint in {found.location}, step {manifest.step} at {manifest.location}, was written "
+                f"by a job of world size {manifest.world_size}; this job has world size {world_size}, and one node "
+                f"cannot resume it with another. It does not start from scratch over it either: run with world size "
+                f"{manifest.world_size} (--nproc-per-node), or point --persist-dir at a fresh directory."
+            )
+        if not hasattr(snapshots, "adopt_sealed"):
+            log.warning("checkpoint of step %d not seeded: this node's snapshot store cannot adopt it", manifest.step)
             return None
         for rank in ranks:
             st = states[rank]
@@ -125,6 +240,19 @@ class Durable:
         log.info("resuming from the durable checkpoint of step %d in %s", manifest.step, self.directory)
         events.emit("restore.plan", rank=None, step=manifest.step, origin="durable")
         return manifest.step
+
+    def summary_line(self) -> str:
+        """For the exit summary: the newest checkpoint on disk and, if the last persist failed, why."""
+        from resilient.persist.reader import committed_dirs, newest_readable
+
+        last = self._sharded.last_attempt() if self._sharded is not None else self._attempt
+        try:
+            newest = newest_readable(self.directory)
+            damaged = len(committed_dirs(self.directory)) if newest is None else 0
+        except (OSError, ResilientError) as exc:
+            return f"unknown in {self.directory} (it cannot be listed: {exc})"
+        return summary_text(self.directory, newest.step if newest is not None else None,
+                            Attempt(last.step, last.final, last.error) if last is not None else None, damaged)
 
     def close(self) -> None:
         if self._sharded is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from resilient.errors import ConfigError
+
 PHASES = ("detect", "rendezvous", "restore", "first_step")
 
 
@@ -35,7 +37,14 @@ class AgentMetrics:
         self._server = None
 
     def serve(self, port: int) -> int:
-        server, _thread = start_http_server(port, registry=self.registry)
+        """Serve on ``port`` (0: any free one); returns the port. ``ConfigError`` naming it when it cannot be bound."""
+        try:
+            server, _thread = start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {port}: cannot serve metrics on it ({exc.strerror or exc}); pick a free port, "
+                "or 0 for any free one."
+            ) from exc
         self._server = server
         self.port = server.server_address[1]
         return self.port

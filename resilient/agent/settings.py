@@ -7,6 +7,7 @@ argparse namespace, no environment lookups past start-up).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class AgentSettings:
     standby: bool = True  # keep one warm standby worker forked from the zygote (--no-standby)
     host: str = field(default_factory=socket.gethostname)
     advertise_addr: str = "127.0.0.1"
+    role: str = "default"  # --role: the workers' ROLE_NAME
 
     def __post_init__(self) -> None:
         problems = []
@@ -58,6 +60,8 @@ class AgentSettings:
             problems.append(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
         if self.max_restarts < 0:
             problems.append(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if not self.restart_window > 0:
+            problems.append(f"--restart-window must be > 0 seconds, got {self.restart_window:g}")
         if self.hang_timeout is not None and self.hang_timeout <= self.timeouts.monitor_interval:
             problems.append(
                 f"--hang-timeout {self.hang_timeout:g}s must exceed --monitor-interval "
@@ -85,12 +89,13 @@ class AgentSettings:
         if self.standalone and self.nodes.max_nodes != 1:
             problems.append(
                 f"--standalone runs one node, but --nnodes is {self.nodes.min_nodes}:{self.nodes.max_nodes}; "
-                "drop --nnodes or pass --rdzv-endpoint for a multi-node job"
+                "drop --nnodes, or drop --standalone and pass --rdzv-endpoint for a multi-node job"
             )
         if not self.standalone and self.etcd is None:
             problems.append("no etcd: pass --rdzv-endpoint host:port[,host:port...] or --standalone")
-        if not self.no_python and not self.run_module and not os.path.isfile(self.script):
-            problems.append(f"training script {self.script!r} does not exist (cwd {os.getcwd()!r})")
+        problems.extend(self._target_problems())
+        if not self.role:
+            problems.append("--role must not be empty")
         if not self.job_id or "/" in self.job_id:
             problems.append(f"--rdzv-id {self.job_id!r} must be non-empty and contain no '/'")
         if not self.node_id or "/" in self.node_id:
@@ -99,6 +104,29 @@ class AgentSettings:
             problems.append(f"--preempt-grace must be > 0, got {self.preempt_grace:g}")
         if problems:
             raise ConfigError("Invalid resilient-run options: " + "; ".join(problems) + ".")
+
+    def _target_problems(self) -> list[str]:
+        """The script must exist (a file), or with --no-python be an executable found as the OS will find it."""
+        if self.run_module:
+            return []
+        if self.no_python:
+            if shutil.which(self.script) is not None:
+                return []
+            if os.path.isdir(self.script):
+                return [f"--no-python: {self.script!r} is a directory, not an executable"]
+            if os.path.isfile(self.script):
+                return [f"--no-python: {self.script!r} is not executable; make it so (chmod +x {self.script}) "
+                        "or run it through its interpreter"]
+            if os.sep not in self.script:
+                return [f"--no-python: executable {self.script!r} is not on PATH; give its path (e.g. "
+                        f"./{self.script}) or add its directory to PATH"]
+            return [f"--no-python: executable {self.script!r} does not exist (cwd {os.getcwd()!r})"]
+        if os.path.isdir(self.script):
+            return [f"training script {self.script!r} is a directory; give the Python file to run (or a module "
+                    "with -m)"]
+        if not os.path.isfile(self.script):
+            return [f"training script {self.script!r} does not exist (cwd {os.getcwd()!r})"]
+        return []
 
     @property
     def stream_redirect(self) -> tuple[bool, bool]:
@@ -109,3 +137,32 @@ class AgentSettings:
     @property
     def stream_tee(self) -> tuple[bool, bool]:
         return bool(self.tee & 1), bool(self.tee & 2)
+
+
+def _usable_directory(flag: str, path: str) -> str | None:
+    """Create ``path`` (and its parents) when missing; a problem naming ``flag`` when it is not a directory
+    this process can write into, else None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {path!r} is a file, not a directory; give a directory (it is created when missing)"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return (f"{flag} {path!r} cannot be created ({exc.strerror or exc}); give a directory this user can "
+                "create or write")
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{flag} {path!r} is not writable by this user; give a directory it can write"
+    return None
+
+
+def prepare_local_paths(settings: AgentSettings) -> None:
+    """Make the local directories the agent writes into (``--log-dir``; ``--persist-dir`` unless it is a URL,
+    which the persister opens through fsspec), before anything is started. Raises ``ConfigError`` naming each
+    one that is a file, cannot be created or is not writable."""
+    problems = []
+    if settings.log_dir:
+        problems.append(_usable_directory("--log-dir", settings.log_dir))
+    if settings.persist_dir and "://" not in settings.persist_dir:
+        problems.append(_usable_directory("--persist-dir", settings.persist_dir))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("Invalid resilient-run options: " + "; ".join(problems) + ".")

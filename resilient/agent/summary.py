@@ -1,5 +1,6 @@
-"""The one-screen exit summary: the job's outcome and the first failure (rank, node, exit code or signal,
-the worker's traceback from its error file)."""
+"""The one-screen exit summary: the job's outcome, the newest durable checkpoint on disk (with
+``--persist-dir``: and whether the last persist failed, see ``resilient.agent.durable.Durable.summary_line``)
+and the first failure (rank, node, exit code or signal, the worker's traceback from its error file)."""
 
 from __future__ import annotations
 
@@ -61,11 +62,16 @@ def read_error_file(path: str) -> str | None:
 
 
 def render(*, job: str, node: str, exit_code: int, outcome: str, first: Failure | None, restarts: int,
-           generation: int | None, committed_step: int | None) -> str:
+           generation: int | None, committed_step: int | None, durable: str | None = None) -> str:
+    """The summary block. ``durable``: the durable-checkpoint status (``Durable.summary_line()``), shown when
+    the job runs with ``--persist-dir``; the exit code does not depend on it (a failed persist does not fail
+    a job whose training succeeded, but the line says so)."""
     bar = "=" * 72
     lines = [bar, f"resilient-run: job {job!r} on node {node}: {outcome} (exit code {exit_code})",
              f"  generation: {generation if generation is not None else '-'}   restarts: {restarts}   "
              f"committed step: {committed_step if committed_step is not None else '-'}"]
+    if durable is not None:
+        lines.append(f"  durable checkpoint: {durable}")
     if first is not None:
         lines.append(f"  first failure: {first.cause()}")
         lines.append(f"    at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(first.when))}, generation "

@@ -36,8 +36,11 @@ def worker_environment(
     max_restarts: int,
     snapshot_every: int,
     paths: AgentPaths,
+    role: str = "default",
 ) -> dict[str, str]:
-    """``base`` (the agent's environment) overlaid with this worker's contract."""
+    """``base`` (the agent's environment) overlaid with this worker's contract. ``role`` (``--role``) is the
+    worker group's name, ``ROLE_NAME`` as torchrun sets it; every worker has it, so ``ROLE_RANK`` and
+    ``ROLE_WORLD_SIZE`` equal ``RANK`` and ``WORLD_SIZE``."""
     out = dict(base)
     out.update(
         {
@@ -49,7 +52,7 @@ def worker_environment(
             env.GROUP_WORLD_SIZE: str(group_world_size),
             env.ROLE_RANK: str(a.rank),
             env.ROLE_WORLD_SIZE: str(a.world_size),
-            "ROLE_NAME": "default",
+            env.ROLE_NAME: role,
             env.MASTER_ADDR: a.master_addr,
             env.MASTER_PORT: str(a.master_port),
             env.RESTART_COUNT: str(a.restart_count),

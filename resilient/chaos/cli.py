@@ -2,9 +2,11 @@
 
     resilient-chaos run SCENARIO.yaml [--script train.py] [--seed N] [--out DIR]
     resilient-chaos suite DIR --tier ci|full [--out DIR] [--only NAME ...]
-    resilient-chaos check SCENARIO.yaml...      (validate files only)
+    resilient-chaos check SCENARIO.yaml|DIR...  (validate files only; a DIR: its *.yaml files)
 
-Exit status: 0 when the verdict is pass, 1 on fail, 2 on skip (run) or a bad scenario file.
+Exit status: 0 when the verdict is pass, 1 on fail, 2 on skip (run) or a bad scenario file, a scenario
+directory that is missing or holds no *.yaml file, or a suite selection with nothing to run (nothing is
+written then). ``check`` validates every file it is given and reports each error; 2 if any failed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from resilient import logs
 from resilient.chaos import report, scenario as scn
 from resilient.chaos.progress import Progress
 from resilient.chaos.runner import run_scenario
-from resilient.chaos.suite import run_suite
+from resilient.chaos.suite import run_suite, scenario_files
 from resilient.errors import ChaosError
 
 DEFAULT_OUT = "chaos-results"
@@ -41,8 +43,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--script", type=Path, default=None)
     s.add_argument("--only", nargs="*", default=None, help="run only these scenario names")
     c = sub.add_parser("check", help="validate scenario files without running them")
-    c.add_argument("files", type=Path, nargs="+")
+    c.add_argument("files", type=Path, nargs="+", metavar="SCENARIO.yaml|DIR",
+                   help="scenario files, or directories whose *.yaml files are checked")
     return p
+
+
+def check(paths: list[Path]) -> int:
+    """Validate every file (a directory: its ``*.yaml`` files); print ``ok`` lines to stdout and each error
+    to stderr. Returns 0 when all are valid, else 2."""
+    failed = total = 0
+    for arg in paths:
+        try:
+            files = scenario_files(arg) if arg.is_dir() else [arg]
+        except scn.ScenarioError as exc:
+            print(f"resilient-chaos: {exc}", file=sys.stderr)
+            failed, total = failed + 1, total + 1
+            continue
+        for f in files:
+            total += 1
+            try:
+                s = scn.load(f)
+            except scn.ScenarioError as exc:
+                failed += 1
+                print(f"resilient-chaos: {exc}", file=sys.stderr)
+                continue
+            print(f"{f}: ok ({s.name}, tier {s.tier}, {len(s.faults)} fault(s))")
+    if failed:
+        print(f"resilient-chaos: {failed} of {total} input(s) failed the check (errors above).", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _interruptible() -> None:
@@ -62,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     _interruptible()
     try:
         if args.cmd == "check":
-            for f in args.files:
-                s = scn.load(f)
-                print(f"{f}: ok ({s.name}, tier {s.tier}, {len(s.faults)} fault(s))")
-            return 0
+            return check(args.files)
         if args.cmd == "run":
             s = scn.load(args.scenario)
             seed = s.seed if args.seed is None else args.seed

@@ -6,8 +6,8 @@ the training and runtime settings, the faults (trigger, action, target, heal) an
 and what to write instead. Nothing here starts a process.
 
 Triggers (exactly one key besides the optional ``host``/``delay``):
-  ``{step: N}``                     first ``step.done`` with step >= N (on ``host`` if given)
-  ``{event: KIND, where: {...}}``   first event of that kind whose fields match ``where``
+  ``{step: N}``                     first ``step.done`` with step >= N (on ``host`` if given); N < training.steps
+  ``{event: KIND, where: {...}}``   first event of that kind whose fields match ``where`` (a known kind)
   ``{failpoint: NAME}``             the failpoint fires in the target host (armed as ``sleep(hold_ms)``)
   ``{time: S}``                     S seconds after the first completed step
   ``{after: FAULT_ID, delay: S}``   S seconds after another fault fired
@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from resilient.chaos.event_kinds import KNOWN_EVENT_KINDS, unknown_kind_hint
 from resilient.errors import ChaosError
 
 TIERS = ("ci", "full")
@@ -46,6 +47,16 @@ def _only(d: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(d) - set(allowed))
     if unknown:
         raise _err(where, f"unknown field(s) {unknown}; allowed: {list(allowed)}.")
+
+
+def _event_kind(kind: Any, where: str, label: str) -> str:
+    """A kind some process emits (``event_kinds.KNOWN_EVENT_KINDS``): any other can never be observed."""
+    if not isinstance(kind, str) or not kind:
+        raise _err(where, f"{label}={kind!r} must be an event kind such as worker.exit.")
+    if kind not in KNOWN_EVENT_KINDS:
+        raise _err(where, f"{label}={kind!r} is not an event kind the runtime or the harness emits, so it would "
+                          f"never be seen.{unknown_kind_hint(kind)}")
+    return kind
 
 
 def _num(d: Mapping[str, Any], key: str, default: float | None, where: str, *, minimum: float = 0.0,
@@ -248,6 +259,8 @@ def _trigger(raw: Any, where: str) -> Trigger:
     elif kind in ("event", "failpoint", "after"):
         if not isinstance(value, str) or not value:
             raise _err(where, f"trigger {kind} must be a non-empty string.")
+        if kind == "event":
+            _event_kind(value, where, "trigger.event")
     elif kind == "at" and value != "start":
         raise _err(where, f"trigger at={value!r}; the only value is 'start'.")
     where_ = raw.get("where", {}) or {}
@@ -260,6 +273,21 @@ def _trigger(raw: Any, where: str) -> Trigger:
         raise _err(where, f"trigger.host={host!r} must be a host name.")
     return Trigger(kind=kind, value=value, host=host, where=dict(where_),
                    delay=_num(raw, "delay", 0.0, where))
+
+
+def _mapping(fault: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = fault.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise _err(where, f"{key} must be a mapping such as {{host: h1}}, got {value!r}.")
+    return dict(value)
+
+
+def _accepted(given: Mapping[str, Any], accepted: tuple[str, ...], label: str, action: str, where: str) -> None:
+    """Refuse keys the action never reads: a misspelt one would be ignored and its default used in silence."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        what = f"it reads only {sorted(accepted)}" if accepted else f"it takes no {label}"
+        raise _err(where, f"{label} {unknown} unknown to action {action}: {what}.")
 
 
 def _heal(raw: Any, where: str) -> Heal:
@@ -287,7 +315,11 @@ def _expect(raw: Any, where: str) -> Expect:
     reactions = raw.get("reactions", []) or []
     if not isinstance(reactions, list) or not all(isinstance(r, str) for r in reactions):
         raise _err(where, "expect.reactions must be a list of event kinds, e.g. [worker.exit, gen.formed].")
+    for i, r in enumerate(reactions):
+        _event_kind(r, where, f"expect.reactions[{i}]")
     evs = raw.get("events", []) or []
+    if not isinstance(evs, list):
+        raise _err(where, "expect.events must be a list of kinds or {kind: K, where: {...}} mappings.")
     parsed_events = []
     for i, e in enumerate(evs):
         if isinstance(e, str):
@@ -295,6 +327,9 @@ def _expect(raw: Any, where: str) -> Expect:
         if not isinstance(e, Mapping) or "kind" not in e:
             raise _err(where, f"expect.events[{i}] must be a kind or {{kind: K, where: {{...}}}}.")
         _only(e, ("kind", "where"), f"{where}.events[{i}]")
+        _event_kind(e["kind"], where, f"expect.events[{i}].kind")
+        if not isinstance(e.get("where") or {}, Mapping):
+            raise _err(where, f"expect.events[{i}].where must be a mapping of event fields to values.")
         parsed_events.append({"kind": e["kind"], "where": dict(e.get("where") or {})})
     restarts = raw.get("restarts")
     rmin = rmax = None
@@ -302,6 +337,9 @@ def _expect(raw: Any, where: str) -> Expect:
         _only(restarts, ("min", "max"), f"{where}.restarts")
         rmin = _num(restarts, "min", None, where, integer=True)
         rmax = _num(restarts, "max", None, where, integer=True)
+        if rmin is not None and rmax is not None and rmin > rmax:
+            raise _err(where, f"expect.restarts has min={rmin} > max={rmax}, which no run can meet; "
+                              "swap them, or give one number for an exact count.")
     elif restarts is not None:
         rmin = rmax = _num(raw, "restarts", None, where, integer=True)
     ws = raw.get("world_sizes")
@@ -384,13 +422,27 @@ def parse(raw: Any, path: str = "<scenario>") -> Scenario:
         action = f.get("action")
         if action not in ACTIONS:
             raise _err(fw, f"action={action!r} is unknown; use one of {sorted(ACTIONS)}.")
-        target = dict(f.get("target") or {})
-        params = dict(f.get("params") or {})
+        driver = ACTIONS[action]
+        target = _mapping(f, "target", fw)
+        params = _mapping(f, "params", fw)
         trig = _trigger(f.get("trigger"), f"{fw}.trigger")
+        _accepted(target, driver.accepts_target, "target", action, fw)
+        # a {failpoint: NAME} trigger arms NAME as sleep(hold_ms) (runner.execute), whatever the action
+        _accepted(params, driver.accepts_params + (("hold_ms",) if trig.kind == "failpoint" else ()), "params",
+                  action, fw)
+        if "hold_ms" in params:
+            _num(params, "hold_ms", None, f"{fw}.params", integer=True)
         for label, host in (("target.host", target.get("host")), ("trigger.host", trig.host)):
             if host is not None and host not in host_names:
                 raise _err(fw, f"{label}={host!r} is not a host of the topology {sorted(host_names)}.")
-        ACTIONS[action].validate(target, params, topology, fw)
+        if trig.kind == "failpoint" and trig.host is None and target.get("host") is None:
+            raise _err(fw, f"a {{failpoint: {trig.value}}} trigger is armed in one host: give trigger.host "
+                           "(or target.host).")
+        if trig.kind == "step" and trig.value >= training.steps:
+            raise _err(fw, f"trigger step={trig.value} can never fire: training.steps={training.steps}, so the last "
+                           f"step is {training.steps - 1}. Use a step below {training.steps}, or raise "
+                           "training.steps (with your own --script: to the number of steps it runs).")
+        driver.validate(target, params, topology, fw)
         faults.append(Fault(id=fid, trigger=trig, action=action, target=target, params=params,
                             heal=_heal(f.get("heal"), f"{fw}.heal")))
     ids = [f.id for f in faults]
@@ -401,9 +453,6 @@ def parse(raw: Any, path: str = "<scenario>") -> Scenario:
             raise _err(path, f"fault {f.id!r} triggers after {f.trigger.value!r}, which is not a fault id {ids}.")
         if f.trigger.kind == "after" and f.trigger.value == f.id:
             raise _err(path, f"fault {f.id!r} cannot trigger after itself.")
-    if topology.etcd_members < 3 and any(f.action == "etcd_kill" and f.target.get("member") == "leader"
-                                         and f.params.get("quorum_loss") for f in faults):
-        raise _err(path, "quorum-loss etcd faults need topology.etcd.members: 3.")
     deadline = raw.get("deadline_s")
     if deadline is not None and deadline != "auto":
         deadline = _num(raw, "deadline_s", None, path, minimum=1)
@@ -421,6 +470,10 @@ def parse(raw: Any, path: str = "<scenario>") -> Scenario:
 def load(path: str | Path) -> Scenario:
     """Read and validate one scenario file."""
     p = Path(path)
+    if p.is_dir():
+        raise ScenarioError(f"{str(p)!r} is a directory, not a scenario file: name one file, or pass the "
+                            f"directory to 'resilient-chaos check' or 'resilient-chaos suite', which read "
+                            f"its *.yaml files.")
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:

@@ -87,6 +87,8 @@ class Context:
         self._state_restored = False
         self._hooks: list[Callable[[int, int], None]] = []
         self._started = False
+        self._loop_open = False  # a ctx.steps() generator is between its first and its last step
+        self._warned_total = False  # the "steps(total) is a total" warning, once per Context
         self._stopped = False  # the loop ended early on a stop request (preemption)
         self._completed = 0 if self._source is None else self._source.step
         self._last_snapshot: int | None = None if self._source is None else self._source.step
@@ -157,7 +159,18 @@ class Context:
         Objects with ``state_dict``/``load_state_dict`` (modules, optimizers, schedulers, GradScaler,
         samplers, user objects) are restored in place; plain values (numbers, strings, tensors, arrays and
         containers of them) go into ``ctx.state``. Returns ``{name: object or restored value}``.
+
+        Protect everything before the first ``ctx.steps()``: after the loop began it raises ``StateError``
+        (snapshots already taken lack the object, and a recovery, which re-runs the function with a new
+        Context, would find the restored snapshot without it).
         """
+        if self._started:
+            names = ", ".join(f"{n}=..." for n in objects)
+            raise StateError(
+                f"ctx.protect({names}) was called after the step loop began (at step {self._completed}): snapshots "
+                "taken so far do not hold it, and a recovery could not restore it. Protect every object before "
+                "the first ctx.steps() (one ctx.protect(...) call with all of them, or several before the loop)."
+            )
         kinds: dict[str, str] = {}
         for name, obj in objects.items():
             if name.startswith("_"):
@@ -203,12 +216,7 @@ class Context:
         """The committed snapshot, read on first use (``into``: live tensors to read straight into)."""
         if self._source is None:
             return None
-        if self._loaded is None:
-            if self._started:
-                raise StateError(
-                    "ctx.protect() after the step loop began cannot restore anything: the snapshot was released; "
-                    "protect every object before the first ctx.steps()."
-                )
+        if self._loaded is None:  # before the loop only: protect() refuses to run once it began
             self._loaded = load_snapshot(self._source, self._writer, into=into)
             events.emit(
                 "restore.done",
@@ -242,26 +250,52 @@ class Context:
         return self._runtime.should_stop()
 
     def steps(self, total: int) -> Iterator[int]:
-        """Yield step indices from the number of completed steps up to ``total`` (exclusive)."""
+        """Yield step indices from the number of completed steps up to ``total`` (exclusive).
+
+        ``total`` is the run's total number of steps, not a count per call: the step counter is the job's,
+        so a second ``ctx.steps(total)`` continues where the first loop ended (and yields nothing when
+        ``total`` steps are done; it logs a warning then, once). For epochs, iterate
+        ``ctx.steps(epochs * steps_per_epoch)`` once and derive the epoch from the step. One loop at a time:
+        starting a second while an earlier one is suspended mid-loop raises ``StateError``."""
+        if self._loop_open:
+            raise StateError(
+                f"ctx.steps({total}) started while an earlier ctx.steps() loop is still open (suspended at step "
+                f"{self._completed}); both would count the same steps. Finish or close() the earlier one first, "
+                "or iterate a single ctx.steps(total) loop."
+            )
+        later = self._started
         self._begin()
+        if later and self._completed >= total and not self._warned_total:
+            self._warned_total = True
+            log.warning(
+                "ctx.steps(%d) yields nothing: %d steps are already completed. total is the run's total number of "
+                "steps, not a count per call (a second ctx.steps() continues where the first loop ended); for "
+                "epochs, iterate ctx.steps(epochs * steps_per_epoch) once and derive the epoch from the step.",
+                total, self._completed,
+            )
         self._runtime.beat(self._completed - 1)  # alive: restore and set-up are over
-        for step in range(self._completed, total):
-            if self._runtime.pending_generation():
-                raise GenerationChangedError(
-                    f"Generation {self.generation} is over (a newer one was announced) before step {step}; recovering."
-                )
-            if self._runtime.should_stop():
-                log.info("stop requested before step %d: taking a final snapshot and ending the loop", step)
-                self._stopped = True
-                self._final_snapshot()
-                return
-            logs.set_identity(step=step)
-            yield step
-            self._completed = step + 1
-            self._runtime.beat(step)
-            self._writer.poll()  # seal an overlapped snapshot whose copy has finished (never blocks)
-            events.emit("step.done", step=step, gen=self.generation, world_size=self.world_size)
-            self._periodic_snapshot()
+        self._loop_open = True
+        try:
+            for step in range(self._completed, total):
+                if self._runtime.pending_generation():
+                    raise GenerationChangedError(
+                        f"Generation {self.generation} is over (a newer one was announced) before step {step}; "
+                        "recovering."
+                    )
+                if self._runtime.should_stop():
+                    log.info("stop requested before step %d: taking a final snapshot and ending the loop", step)
+                    self._stopped = True
+                    self._final_snapshot()
+                    return
+                logs.set_identity(step=step)
+                yield step
+                self._completed = step + 1
+                self._runtime.beat(step)
+                self._writer.poll()  # seal an overlapped snapshot whose copy has finished (never blocks)
+                events.emit("step.done", step=step, gen=self.generation, world_size=self.world_size)
+                self._periodic_snapshot()
+        finally:
+            self._loop_open = False
 
     def _begin(self) -> None:
         if self._started:

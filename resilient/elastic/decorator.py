@@ -19,7 +19,9 @@ too, because it was caused by the membership change.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import numbers
 import os
 import time
 import traceback
@@ -57,19 +59,59 @@ class ElasticConfig:
     dedup: bool = False
 
     def __post_init__(self) -> None:
+        _whole("snapshot_every", self.snapshot_every, "(0 turns periodic snapshots off)")
         if self.snapshot_every < 0:
             raise ConfigError(
-                f"snapshot_every must be >= 0 (0 turns periodic snapshots off); got {self.snapshot_every}."
+                f"snapshot_every={self.snapshot_every} must be >= 0 (0 turns periodic snapshots off)."
             )
-        if self.backend is not None and self.backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
-            raise ConfigError(f"backend {self.backend!r} is not a torch.distributed backend (gloo, nccl, ...).")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not a torch.distributed backend; use one of "
+                              f"{', '.join(BACKENDS)}, or leave it unset to get nccl on CUDA and gloo on CPU.")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ConfigError(f"device={self.device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' ... "
+                                  "(or leave it unset to pick one from the host).") from exc
+        _whole("seed", self.seed, "(it seeds per-rank RNGs after a world-size change)")
+        for name in ("commit_wait_s", "pg_timeout_s", "generation_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name}={value!r} must be a number of seconds.")
         if self.commit_wait_s < 0:
-            raise ConfigError(f"commit_wait_s must be >= 0 seconds; got {self.commit_wait_s}.")
+            raise ConfigError(f"commit_wait_s={self.commit_wait_s} must be >= 0 seconds.")
         if self.pg_timeout_s <= 0 or self.generation_timeout_s <= 0:
             raise ConfigError(
                 f"pg_timeout_s ({self.pg_timeout_s}) and generation_timeout_s ({self.generation_timeout_s}) "
-                "must be positive."
+                "must be positive numbers of seconds."
             )
+        if not isinstance(self.dedup, bool):
+            raise ConfigError(f"dedup={self.dedup!r} must be True or False.")
+
+
+BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
+
+
+def _whole(name: str, value: Any, note: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name}={value!r} must be a whole number {note}.")
+
+
+def _check_train_signature(train: Callable[..., Any]) -> None:
+    """The decorator calls ``train(ctx, *args, **kwargs)``: refuse a function that cannot take the Context
+    positionally, at decoration rather than at the first call."""
+    try:
+        params = inspect.signature(train).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing to check
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    if not any(p.kind in positional for p in params):
+        name = getattr(train, "__name__", "train")
+        raise ConfigError(
+            f"@resilient.elastic: {name}() takes no positional parameter, but it is called with the Context as its "
+            f"first argument; define it as `def {name}(ctx, ...):` and read rank, device and the step loop from ctx."
+        )
 
 
 def elastic(
@@ -90,19 +132,51 @@ def elastic(
     ``runtime`` is a factory for the ``WorkerRuntime`` (default: chosen from the environment).
     ``dedup=True`` (default: ``RESILIENT_DEDUP``): data-parallel deduplication, see ``resilient.elastic.dedup``."""
 
+    if fn is not None and not callable(fn):
+        raise ConfigError(
+            f"@resilient.elastic({fn!r}): the decorator takes keyword arguments only, e.g. "
+            "@resilient.elastic(snapshot_every=10)."
+        )
+    if runtime is not None and not callable(runtime):
+        raise ConfigError(f"@resilient.elastic(runtime={runtime!r}): runtime must be a callable that returns a "
+                          "WorkerRuntime (or left out).")
+    # Validated now, at decoration, not at the first call: the arguments as given (the environment's
+    # defaults for those left out are read, and checked, at each call).
+    try:
+        ElasticConfig(
+            snapshot_every=1 if snapshot_every is None else snapshot_every,
+            backend=backend,
+            device=device,
+            seed=seed,
+            pg_timeout_s=pg_timeout_s,
+            generation_timeout_s=generation_timeout_s,
+            commit_wait_s=commit_wait_s,
+            dedup=False if dedup is None else dedup,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"@resilient.elastic: {exc}") from None
+
     def wrap(train: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(train):
+            raise ConfigError(f"@resilient.elastic decorates a train function; got {train!r}.")
+        _check_train_signature(train)
+
         @functools.wraps(train)
         def run(*args: Any, **kwargs: Any) -> Any:
-            config = ElasticConfig(
-                snapshot_every=env.get_int(env.SNAPSHOT_EVERY, 1) if snapshot_every is None else snapshot_every,
-                backend=backend or env.get(env.BACKEND),
-                device=device,
-                seed=seed,
-                pg_timeout_s=pg_timeout_s,
-                generation_timeout_s=generation_timeout_s,
-                commit_wait_s=commit_wait_s,
-                dedup=env.get_bool(env.DEDUP) if dedup is None else dedup,
-            )
+            try:
+                config = ElasticConfig(
+                    snapshot_every=env.get_int(env.SNAPSHOT_EVERY, 1) if snapshot_every is None else snapshot_every,
+                    backend=backend or env.get(env.BACKEND),
+                    device=device,
+                    seed=seed,
+                    pg_timeout_s=pg_timeout_s,
+                    generation_timeout_s=generation_timeout_s,
+                    commit_wait_s=commit_wait_s,
+                    dedup=env.get_bool(env.DEDUP) if dedup is None else dedup,
+                )
+            except ConfigError as exc:  # the arguments were checked at decoration: a value from the environment
+                variable = env.SNAPSHOT_EVERY if str(exc).startswith("snapshot_every") else env.BACKEND
+                raise ConfigError(f"{exc} The value came from ${variable}: fix or unset it.") from exc
             return Driver(train, config, runtime).run(args, kwargs)
 
         return run

@@ -282,9 +282,9 @@ class EtcdKV(KVStore):
             if remaining <= 0:
                 raise EtcdUnavailableError(
                     f"Could not reach etcd at {', '.join(self.settings.endpoints)} within the connect timeout "
-                    f"of {timeout:g}s (last error: {last}). Check that etcd is running and that the endpoints "
-                    "name its client URLs as host:port (and TLS settings match its scheme), or raise the "
-                    "connect timeout."
+                    f"of {timeout:g}s (last error: {last}). Check that etcd is running and reachable from this host, "
+                    "that the endpoints name its client URLs as host:port, and that the TLS settings match its "
+                    "scheme."
                 )
             time.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
             delay = min(delay * 2, 0.5)

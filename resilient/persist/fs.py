@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import errno
 import os
 import shutil
 import uuid
@@ -94,6 +95,14 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def remove_tree(self, path: str) -> None:
         """Remove directory ``path`` and everything under it; missing is fine."""
+
+    #: whether ``rename`` moves a directory atomically (local and mounted POSIX file systems; not object stores)
+    atomic_rename = False
+
+    def rename(self, path: str, new_path: str) -> None:
+        """Move directory ``path`` to ``new_path`` atomically: ``FileNotFoundError`` if ``path`` is gone (someone
+        else moved or removed it), ``FileExistsError`` if ``new_path`` exists. Only when ``atomic_rename``."""
+        raise NotImplementedError(f"{type(self).__name__} has no atomic rename.")
 
     def describe(self, path: str = "") -> str:
         """A human-readable full location of ``path`` for messages."""
@@ -227,6 +236,14 @@ class LocalStorage(Storage):
             shutil.rmtree(self._p(path))
         except FileNotFoundError:
             pass
+
+    atomic_rename = True
+
+    def rename(self, path: str, new_path: str) -> None:
+        target = self._p(new_path)
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "already exists", target)
+        os.rename(self._p(path), target)
 
     def describe(self, path: str = "") -> str:
         return self._p(path)

@@ -182,7 +182,22 @@ class Persister:
 
     def _supersede(self, job: _Job, *, by: int) -> None:
         if job.future.cancel():
+            log.info("Checkpoint step %d is not persisted: step %d replaced it while it waited for the write in "
+                     "progress (the storage is slower than the persist cadence; training does not wait for it).",
+                     job.step, by)
             self._emit("persist.superseded", step=job.step, by_step=by)
+
+    def _what_stays(self) -> str:
+        """After a failed write: which checkpoint stays the latest, if any (a sentence)."""
+        from resilient.persist.reader import newest_readable
+
+        try:
+            newest = newest_readable(self.storage)
+        except (OSError, PersistError) as exc:
+            return f"whatever was committed before is unchanged (the directory cannot be listed: {exc})."
+        if newest is None:
+            return f"there is no earlier checkpoint in {self.config.directory}, so nothing is persisted yet."
+        return f"earlier checkpoints are unchanged and the newest of them, step {newest.step}, stays the latest."
 
     def _run(self) -> None:
         while True:
@@ -225,8 +240,8 @@ class Persister:
             log.error("Persisting step %d to %s failed: %s", job.step, self.config.directory, exc)
             raise PersistError(
                 f"Persisting step {job.step} to {self.config.directory} failed ({type(exc).__name__}: {exc}). "
-                f"What it wrote was removed; earlier checkpoints are unchanged and the newest of them stays the "
-                f"latest. Free space or fix the storage; the next persist will try again."
+                f"What it wrote was removed; {self._what_stays()} Free space or fix the storage; the next persist "
+                f"will try again."
             ) from exc
         seconds = time.monotonic() - started
         self._emit("persist.commit", step=job.step, generation=job.generation, bytes=manifest.total_bytes,

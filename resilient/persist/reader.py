@@ -4,11 +4,18 @@
 verify; a corrupt or partial one is skipped with a warning and a ``ckpt.verify_failed`` event, and the
 one before it is used. ``load`` reads shards back as ``ShardState`` (tensors view one buffer per file,
 no extra copy), checking every tensor's and file's crc32 on the way. ``load_latest`` does both in one read of the
-bytes: it tries checkpoints newest first and falls back when one fails verification.
+bytes: it tries checkpoints newest first and falls back when one fails verification. ``find_latest`` is
+what both use: it also reports the committed checkpoints it skipped, tells "nothing committed" (no
+manifest anywhere) from "every committed checkpoint is damaged", and, for the job's own agents, sets the
+damaged ones aside (``set_aside``: renamed to ``step-NNNNNNNN.corrupt-<time>-<id>``, never deleted) so
+that retention and later readers no longer count them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,30 +177,172 @@ def _state_from(manifest: Manifest, rank: int, buf: bytearray) -> ShardState:
     return ShardState(step=manifest.step, generation=generation, meta=meta, tensors=tensors)
 
 
-def _report_skip(manifest_or_dir: str, step: int, exc: Exception, on_event: Callable[[dict], Any] | None) -> None:
-    log.warning("Skipping checkpoint step %d at %s: %s Falling back to an older checkpoint.", step, manifest_or_dir, exc)
-    event = events.emit("ckpt.verify_failed", source="persisted", step=step, location=manifest_or_dir, error=str(exc))
+@dataclass(frozen=True)
+class Skipped:
+    """A committed checkpoint (its manifest is there) that failed to read or verify."""
+
+    step: int
+    directory: str  # name under the persist directory
+    location: str  # full path or URL, for messages
+    error: str
+    set_aside_as: str | None = None  # where ``set_aside`` moved it (None: left in place)
+
+
+@dataclass
+class Found:
+    """What ``find_latest`` found: the newest checkpoint that loads (``manifest`` None: none), its shards when
+    asked for (``states``), and the newer committed ones it had to skip."""
+
+    location: str
+    manifest: Manifest | None
+    states: dict[int, ShardState] | None
+    skipped: list[Skipped]
+
+    @property
+    def all_damaged(self) -> bool:
+        """Committed checkpoints exist but none of them loads (not the same as an empty directory)."""
+        return self.manifest is None and bool(self.skipped)
+
+    def damage_report(self) -> str:
+        """One sentence per skipped checkpoint: which directory and why."""
+        return " ".join(f"{s.location}: {s.error}" for s in self.skipped)
+
+
+def _report_skip(location: str, step: int, exc: Exception, on_event: Callable[[dict], Any] | None,
+                 older: str | None) -> None:
+    then = (f"Trying the next older checkpoint, {older}." if older is not None
+            else "There is no older committed checkpoint to fall back to.")
+    log.warning("Skipping checkpoint step %d at %s: %s %s", step, location, exc, then)
+    event = events.emit("ckpt.verify_failed", source="persisted", step=step, location=location, error=str(exc))
     if on_event is not None:
         on_event(event)
 
 
-def _candidates(storage: Storage, on_event: Callable[[dict], Any] | None):
-    """Manifests newest first, skipping (with a warning) partial and damaged ones."""
+SET_ASIDE_MARK = ".corrupt-"
+
+
+def set_aside(storage: Storage, directory: str, reason: str, *, step: int | None = None) -> str | None:
+    """Rename the damaged committed checkpoint ``directory`` to ``<directory>.corrupt-<UTC time>-<random>``, a
+    name that readers, retention and ``clean_leftovers`` never count or delete; returns its new location
+    (None: not moved). Nothing is ever deleted here.
+
+    Safe to call from several agents at once: the rename is atomic and the targets differ, so one wins and
+    the others find the directory gone (fine: it is set aside already). A directory whose manifest is gone
+    is left alone: retention removes a checkpoint's manifest first, so that is a deletion in progress, not
+    damage. Storages without an atomic rename (object stores) leave it in place with a warning."""
+    where = storage.describe(directory)
+    if not storage.atomic_rename:
+        log.warning("Checkpoint %s is damaged: %s It cannot be set aside on %s (no atomic rename): move or delete "
+                    "it yourself; until then retention counts it as one of the checkpoints it keeps.",
+                    where, reason, storage.location)
+        return None
+    if not storage.exists(f"{directory}/{MANIFEST_NAME}"):
+        return None
+    target = (f"{directory}{SET_ASIDE_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
+              f"{uuid.uuid4().hex[:6]}")
+    try:
+        storage.rename(directory, target)
+    except FileNotFoundError:
+        log.info("Damaged checkpoint %s was already set aside or removed by another reader.", where)
+        return None
+    except OSError as exc:
+        log.warning("Checkpoint %s is damaged: %s It could not be set aside (%s): move or delete it yourself; "
+                    "until then retention counts it as one of the checkpoints it keeps.", where, reason, exc)
+        return None
+    try:
+        storage.fsync_dir("")
+    except OSError as exc:
+        log.debug("fsync of %s after setting %s aside failed: %s", storage.location, where, exc)
+    moved = storage.describe(target)
+    log.warning("Checkpoint %s is damaged: %s It was set aside as %s (renamed, not deleted): no job, reader or "
+                "retention uses or removes it. Look at it with `resilient inspect %s`, then delete it or move it "
+                "elsewhere.", where, reason, moved, moved)
+    events.emit("ckpt.set_aside", step=step, location=where, moved_to=moved, error=reason)
+    return moved
+
+
+def set_aside_dirs(storage: Storage) -> list[str]:
+    """Names of the checkpoint directories ``set_aside`` renamed, oldest step first."""
+    found = []
+    for name in storage.list_dir(""):
+        head, mark, _ = name.partition(SET_ASIDE_MARK)
+        if mark and parse_step_dir(head) is not None:
+            found.append((parse_step_dir(head), name))
+    return [name for _, name in sorted(found)]
+
+
+def committed_dirs(directory: str | Storage) -> list[tuple[int, str]]:
+    """(step, directory) of every checkpoint with a manifest (complete or damaged), newest first. A
+    directory without one is a persist that never committed: ignored (``clean_leftovers`` removes it)."""
+    storage = open_storage(directory)
+    out = []
     for step, directory in reversed(list_checkpoints(storage)):
-        if not storage.exists(f"{directory}/{MANIFEST_NAME}"):
+        if storage.exists(f"{directory}/{MANIFEST_NAME}"):
+            out.append((step, directory))
+        else:
             log.info("Ignoring partial checkpoint %s (no manifest).", storage.describe(directory))
+    return out
+
+
+def newest_readable(directory: str | Storage, *, storage_options: dict | None = None) -> Manifest | None:
+    """The newest checkpoint whose manifest reads and whose files have their recorded sizes (no crc32 pass,
+    no logging): what is on disk, for status lines and messages. None when there is none."""
+    storage = open_storage(directory, **(storage_options or {}))
+    for step, name in reversed(list_checkpoints(storage)):
+        if not storage.exists(f"{name}/{MANIFEST_NAME}"):
             continue
         try:
-            manifest = read_manifest(storage, directory)
+            manifest = read_manifest(storage, name)
+            if manifest.step == step:
+                check_files(manifest)
+                return manifest
+        except CheckpointCorruptError:
+            continue
+    return None
+
+
+def find_latest(
+    directory: str | Storage,
+    rank: int | None = None,
+    *,
+    load_states: bool = False,
+    verify: bool = True,
+    storage_options: dict | None = None,
+    on_event: Callable[[dict], Any] | None = None,
+    set_aside_damaged: bool = False,
+) -> Found:
+    """The newest committed checkpoint that reads (manifest, file sizes and, with ``verify``, every crc32;
+    with ``load_states`` also its shards, one read of the bytes), and the newer ones that did not.
+
+    ``set_aside_damaged`` (for the job's own agents, never for read-only tools): once an older checkpoint
+    loads, each newer damaged one is ``set_aside``. When none loads nothing is moved, so an operator decides
+    (``Found.all_damaged``). Errors other than damage (a permission error, say) are raised as they are."""
+    storage = open_storage(directory, **(storage_options or {}))
+    committed = committed_dirs(storage)
+    skipped: list[Skipped] = []
+    for i, (step, name) in enumerate(committed):
+        older = storage.describe(committed[i + 1][1]) if i + 1 < len(committed) else None
+        states = None
+        try:
+            manifest = read_manifest(storage, name)
             if manifest.step != step:
                 raise CheckpointCorruptError(
-                    f"Manifest {storage.describe(directory)} says step {manifest.step}, its directory says {step}."
+                    f"Manifest {storage.describe(name)} says step {manifest.step}, its directory says {step}."
                 )
             check_files(manifest)
+            if load_states:
+                states = load(manifest, rank, verify=verify)
+            elif verify:
+                _verify(manifest)
         except CheckpointCorruptError as exc:
-            _report_skip(storage.describe(directory), step, exc, on_event)
+            skipped.append(Skipped(step, name, storage.describe(name), str(exc)))
+            _report_skip(storage.describe(name), step, exc, on_event, older)
             continue
-        yield manifest
+        if set_aside_damaged:
+            skipped = [dataclasses.replace(s, set_aside_as=set_aside(storage, s.directory, s.error, step=s.step))
+                       for s in skipped]
+        return Found(storage.location, manifest, states, skipped)
+    return Found(storage.location, None, None, skipped)
 
 
 def latest_complete(
@@ -204,27 +353,19 @@ def latest_complete(
     on_event: Callable[[dict], Any] | None = None,
 ) -> Manifest | None:
     """The newest complete checkpoint under ``directory`` (checksums verified unless ``verify=False``:
-    then only manifest and file sizes are checked), or None if there is none."""
-    storage = open_storage(directory, **(storage_options or {}))
-    for manifest in _candidates(storage, on_event):
-        if not verify:
-            return manifest
-        try:
-            _verify(manifest)
-        except CheckpointCorruptError as exc:
-            _report_skip(manifest.location, manifest.step, exc, on_event)
-            continue
-        return manifest
-    return None
+    then only manifest and file sizes are checked), or None if there is none (``find_latest`` tells an
+    empty directory from one whose checkpoints are all damaged)."""
+    return find_latest(directory, verify=verify, storage_options=storage_options, on_event=on_event).manifest
 
 
 def _split_checkpoint_path(path: str) -> tuple[str, str] | None:
-    """(root, step directory) if ``path`` names one checkpoint (its directory or its manifest.json)."""
+    """(root, step directory) if ``path`` names one checkpoint (its directory or its manifest.json; a set-aside
+    ``step-N.corrupt-...`` directory counts when named)."""
     trimmed = path.rstrip("/")
     if trimmed.endswith("/" + MANIFEST_NAME):
         trimmed = trimmed[: -len(MANIFEST_NAME) - 1]
     root, _, last = trimmed.rpartition("/")
-    if parse_step_dir(last) is not None:
+    if parse_step_dir(last.partition(SET_ASIDE_MARK)[0]) is not None:  # a set-aside one too, named explicitly
         if not root:
             root = "/" if path.startswith("/") else "."
         return root, last
@@ -288,10 +429,8 @@ def load_latest(
     """Newest checkpoint that loads and verifies, read once: ``(manifest, {rank: ShardState})`` or None."""
     if isinstance(directory, str) and is_checkpoint_path(directory):
         raise PersistError(f"{directory!r} is one checkpoint, not a persist directory; use load() for it.")
-    storage = open_storage(directory, **(storage_options or {}))
-    for manifest in _candidates(storage, on_event):
-        try:
-            return manifest, load(manifest, rank, verify=verify)
-        except CheckpointCorruptError as exc:
-            _report_skip(manifest.location, manifest.step, exc, on_event)
-    return None
+    found = find_latest(directory, rank, load_states=True, verify=verify, storage_options=storage_options,
+                        on_event=on_event)
+    if found.manifest is None:
+        return None
+    return found.manifest, found.states

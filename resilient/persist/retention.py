@@ -7,6 +7,11 @@ complete checkpoint exists, so an older checkpoint goes only after a newer one i
 
 Deleting a checkpoint removes its manifest first (it turns into a partial one, which no reader trusts),
 then its files; a kill in between leaves a partial directory that ``clean_leftovers`` removes.
+
+A checkpoint counts as complete here when its manifest is there (verifying every byte at each persist
+would cost a full read). The job's readers set a damaged one aside (``reader.set_aside`` renames it to
+``step-N.corrupt-...``), which is no checkpoint name: neither counted nor deleted here, nor by
+``clean_leftovers``; removing it is the operator's decision.
 """
 
 from __future__ import annotations

@@ -182,6 +182,17 @@ def write_checkpoint(
     if existing is not None:
         log.info("Checkpoint step %d already exists at %s; not writing it again.", step, existing.location)
         return existing
+    if storage.exists(f"{directory}/{MANIFEST_NAME}"):
+        # committed once but damaged now: set aside (never deleted) before this step is written again
+        from resilient.persist.reader import set_aside
+
+        reason = "Its manifest does not parse."
+        if set_aside(storage, directory, reason, step=step) is None and storage.exists(f"{directory}/{MANIFEST_NAME}"):
+            raise PersistError(
+                f"Cannot persist step {step}: {storage.describe(directory)} holds a damaged checkpoint of that step "
+                f"(its manifest does not parse) that could not be set aside. Move it out of {storage.location}; "
+                f"later steps persist as usual."
+            )
     if storage.exists(directory):
         storage.remove_tree(directory)  # leftovers of an earlier, unfinished attempt at this step
     storage.makedirs(directory)

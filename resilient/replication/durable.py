@@ -16,7 +16,16 @@ final persist at SIGTERM / job end).
 
 Restore (``restore``, installed as the ShardManager's ``durable_fallback``): the newest complete
 checkpoint, the rank's shard (``rank % world_size`` of the checkpoint after a world-size change), verified
-against its crc32s, copied into a local segment; origin ``durable``.
+against its crc32s, copied into a local segment; origin ``durable``. A committed checkpoint found damaged
+(manifest, sizes, or this rank's crc32s) is set aside (renamed ``step-N.corrupt-<time>-<id>``, never
+deleted; any agent may do it: the rename is atomic, a second one finds it gone, see
+``resilient.persist.reader.set_aside``) and never silently replaced by a fresh start: a shard that fails
+its crc32 fails the rank's restore with the cause (the generation restarts, and every rank then restores
+the same older checkpoint), and when every committed checkpoint is damaged the restore fails naming them.
+
+Cadence: the committer requests a persist at a monitor tick once the committed step is ``every`` past the
+last requested one; while a round is in flight, due steps are not requested (INFO log, once per round)
+and the first tick after it requests the newest committed step.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from resilient.persist.manifest import (
     shard_entry_to_dict,
     step_dir_name,
 )
-from resilient.persist.reader import latest_complete, load
+from resilient.persist.reader import find_latest, load, newest_readable, set_aside
 from resilient.persist.retention import apply_retention, clean_leftovers
 from resilient.persist.writer import commit_manifest, resilient_version, write_shard
 from resilient.runtime.api import RestoreSource
@@ -92,6 +101,15 @@ def errno_of(exc: BaseException) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class PersistAttempt:
+    """The outcome of one persist round this agent took part in (``error`` None: committed)."""
+
+    step: int
+    final: bool
+    error: str | None = None
+
+
 def writer_of(holders, members) -> str | None:
     """The node that writes a shard to disk: its first holder that is still a member."""
     return next((h for h in holders if h in members), None)
@@ -118,6 +136,9 @@ class ShardedPersist:
         self._inflight = False
         self._closed = False
         self._hurry = False  # a final persist waits: the background round in progress gives up its wait
+        self._final_step: int | None = None  # the step of the final persist, once one started
+        self._attempt: PersistAttempt | None = None
+        self._told_inflight: int | None = None  # the in-flight step a skip was logged for
         self._restore_lock = threading.Lock()
         self._restored: dict[tuple[int, int], RestoreSource] = {}
         self._thread = threading.Thread(target=self._run, name="persist-shards", daemon=True)
@@ -159,7 +180,14 @@ class ShardedPersist:
         if not self.is_committer() or self.every <= 0:
             return
         with self._cv:
-            if self._inflight or (self._requested is not None and c.step - self._requested < self.every):
+            if self._requested is not None and c.step - self._requested < self.every:
+                return
+            if self._inflight:
+                if self._told_inflight != self._requested:
+                    self._told_inflight = self._requested
+                    log.info("committed step %d is due for a persist (--persist-every %d) but the round for step %s "
+                             "is still in flight; the first tick after it ends persists the newest committed step",
+                             c.step, self.every, self._requested)
                 return
             self._inflight = True
             self._requested = c.step
@@ -196,6 +224,7 @@ class ShardedPersist:
             gen, _ = self._members()
             req = Request(c.step, c.generation, c.world_size, gen or 0, self.node_id)
         self._hurry = True
+        self._final_step = req.step
         try:
             with self._io:
                 self._hurry = False
@@ -294,6 +323,7 @@ class ShardedPersist:
                 events.emit("persist.failed", step=req.step, rank=rank, errno=code, error=f"{type(exc).__name__}: {exc}",
                             dir=self.directory)
                 log.warning("persisting rank %d of step %d failed: %s", rank, req.step, exc)
+                self._record(req.step, f"rank {rank}: {code + ': ' if code else ''}{exc}")
                 self._result(req, rank, {"ok": False, "errno": code, "error": str(exc)})
                 continue
             events.emit("persist.shard", step=req.step, rank=rank, bytes=entry.bytes,
@@ -372,11 +402,34 @@ class ShardedPersist:
         events.emit("persist.done", step=req.step, dir=self.directory)
         log.info("persisted step %d (%d shards, %d bytes) to %s", req.step, req.world_size, bound.total_bytes,
                  bound.location)
+        self._record(req.step, None)
         self._tidy(req.step)
+
+    def _record(self, step: int, error: str | None) -> None:
+        attempt = PersistAttempt(step, step == self._final_step, error)
+        with self._cv:
+            last = self._attempt
+            if last is None or (attempt.step, attempt.final) >= (last.step, last.final):
+                self._attempt = attempt
+
+    def last_attempt(self) -> PersistAttempt | None:
+        """The newest persist round this agent committed, failed, or failed to write its shards for."""
+        with self._cv:
+            return self._attempt
+
+    def _what_stays(self) -> str:
+        try:
+            newest = newest_readable(self.storage)
+        except (OSError, PersistError) as exc:
+            return f"whatever was committed before is unchanged ({self.directory} cannot be listed: {exc})"
+        if newest is None:
+            return f"there is no earlier checkpoint in {self.directory}, so nothing is persisted yet"
+        return f"the previous checkpoint, step {newest.step}, stays the latest"
 
     def _fail(self, req: Request, directory: str, code: str | None, problem: str) -> None:
         events.emit("persist.failed", step=req.step, errno=code, error=problem, dir=self.directory)
-        log.warning("persisting step %d failed (%s); the previous checkpoint stays the latest", req.step, problem)
+        log.warning("persisting step %d failed (%s); %s", req.step, problem, self._what_stays())
+        self._record(req.step, f"{code}: {problem}" if code else problem)
         try:
             if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
                 self.storage.remove_tree(directory)
@@ -409,10 +462,20 @@ class ShardedPersist:
         """Rank ``rank``'s state from the newest complete checkpoint, in a local segment (None: none)."""
         with self._restore_lock:
             try:
-                manifest = latest_complete(self.storage, verify=False)
-            except (OSError, PersistError) as exc:
-                log.warning("cannot list checkpoints under %s: %s", self.directory, exc)
-                return None
+                found = find_latest(self.storage, verify=False, set_aside_damaged=True)
+            except OSError as exc:
+                raise PersistError(
+                    f"Rank {rank} cannot be restored: the persist directory {self.directory} cannot be read "
+                    f"({type(exc).__name__}: {exc}). Fix its permissions or storage."
+                ) from exc
+            if found.all_damaged:
+                raise CheckpointCorruptError(
+                    f"Rank {rank} cannot be restored: every committed checkpoint in {self.directory} is damaged, "
+                    f"and the job does not start from scratch over committed work. {found.damage_report()} "
+                    f"Nothing was changed or deleted. Repair them or move them out of {self.directory}, or point "
+                    f"--persist-dir at a fresh directory to start from scratch."
+                )
+            manifest = found.manifest
             if manifest is None:
                 return None
             source = rank if manifest.world_size == assignment.world_size else rank % manifest.world_size
@@ -422,10 +485,25 @@ class ShardedPersist:
             t0 = time.monotonic()
             try:
                 state = load(manifest, source, verify=True)[source]
-            except (CheckpointCorruptError, OSError) as exc:
+            except OSError as exc:
+                raise PersistError(
+                    f"Rank {rank} cannot be restored: reading its shard of the durable checkpoint {manifest.location} "
+                    f"failed ({type(exc).__name__}: {exc}). Fix the storage; the restore is tried again with the "
+                    f"next generation."
+                ) from exc
+            except CheckpointCorruptError as exc:
                 events.emit("ckpt.verify_failed", rank=source, step=manifest.step, holder="durable", detail=str(exc))
-                log.warning("durable checkpoint %s failed verification: %s", manifest.location, exc)
-                return None
+                moved = set_aside(self.storage, manifest.directory, str(exc), step=manifest.step)
+                if moved is None and not self.storage.exists(f"{manifest.directory}/{MANIFEST_NAME}"):
+                    moved = "another agent found it damaged too"  # set aside (or removed) by someone else
+                then = (f"It was set aside ({moved}); the ranks are never resumed from different steps, so this "
+                        f"generation fails and the next one restores every rank from the newest older checkpoint."
+                        if moved else
+                        f"It could not be set aside (see the warning before this one): move it out of "
+                        f"{self.directory}; until then every restore from disk fails on it.")
+                raise CheckpointCorruptError(
+                    f"Rank {rank} cannot be restored from the durable checkpoint {manifest.location}: {exc} {then}"
+                ) from exc
             nbytes = sum(t.numel() * t.element_size() for t in state.tensors.values()) + len(state.meta)
             seg = self.m.local.ensure(source, own=False, nbytes=nbytes + nbytes // 8 + (1 << 20), keep=self.m._keep())
             seg.write(dict(state.tensors), step=state.step, generation=state.generation, meta=bytes(state.meta))
@@ -451,4 +529,4 @@ class ShardedPersist:
             self.m.durable_fallback = None
 
 
-__all__ = ["Request", "ShardedPersist", "errno_of", "writer_of"]
+__all__ = ["PersistAttempt", "Request", "ShardedPersist", "errno_of", "writer_of"]

@@ -102,6 +102,10 @@ def test_worker_environment_follows_torchrun_and_adds_resilient():
     assert e["OMP_NUM_THREADS"] == "1" and e["PATH"] == "/bin"
     assert worker_environment({"OMP_NUM_THREADS": "4"}, a, group_world_size=2, max_restarts=3, snapshot_every=1,
                               paths=paths)["OMP_NUM_THREADS"] == "4"
+    assert e["ROLE_NAME"] == "default"
+    trainer = worker_environment({}, a, group_world_size=2, max_restarts=3, snapshot_every=1, paths=paths,
+                                 role="trainer")
+    assert (trainer["ROLE_NAME"], trainer["ROLE_RANK"], trainer["ROLE_WORLD_SIZE"]) == ("trainer", "5", "8")
 
 
 def test_summary_names_the_first_failure_with_its_traceback(tmp_path):

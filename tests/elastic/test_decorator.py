@@ -104,5 +104,60 @@ def test_failure_triage():
 def test_config_is_validated():
     with pytest.raises(ConfigError, match="snapshot_every"):
         ElasticConfig(snapshot_every=-1)
-    with pytest.raises(ConfigError, match="backend 'tcp'"):
+    with pytest.raises(ConfigError, match="backend='tcp'"):
         ElasticConfig(backend="tcp")
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    ({"snapshot_every": "abc"}, "snapshot_every='abc' must be a whole number"),
+    ({"snapshot_every": -1}, "snapshot_every=-1 must be >= 0"),
+    ({"snapshot_every": 2.5}, "snapshot_every=2.5 must be a whole number"),
+    ({"backend": "tcp"}, "backend='tcp' is not a torch.distributed backend"),
+    ({"device": "gpu"}, "device='gpu' is not a torch device"),
+    ({"seed": "0"}, "seed='0' must be a whole number"),
+    ({"commit_wait_s": -1}, "commit_wait_s=-1 must be >= 0"),
+    ({"pg_timeout_s": "300"}, "pg_timeout_s='300' must be a number of seconds"),
+    ({"generation_timeout_s": 0}, "generation_timeout_s (0) must be positive"),
+    ({"dedup": "yes"}, "dedup='yes' must be True or False"),
+    ({"runtime": 3}, "runtime must be a callable"),
+])
+def test_bad_decorator_arguments_are_refused_when_decorating(kwargs, names):
+    with pytest.raises(ConfigError) as info:
+        resilient.elastic(**kwargs)  # before any function is decorated or called
+    assert names in str(info.value) and str(info.value).startswith("@resilient.elastic")
+
+
+def test_a_train_function_must_take_the_context():
+    with pytest.raises(ConfigError, match=r"train\(\) takes no positional parameter.*def train\(ctx, \.\.\.\)"):
+        @resilient.elastic
+        def train():
+            pass
+    with pytest.raises(ConfigError, match="takes no positional parameter"):
+        @resilient.elastic(snapshot_every=2)
+        def keyword_only(*, ctx):
+            pass
+    with pytest.raises(ConfigError, match="keyword arguments only"):
+        resilient.elastic(5)
+
+    @resilient.elastic
+    def with_ctx(ctx, steps=3):
+        pass
+
+    @resilient.elastic(snapshot_every=0)
+    def variadic(*args):
+        pass
+
+    assert callable(with_ctx) and callable(variadic)
+
+
+def test_a_bad_environment_default_is_refused_at_the_call_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(env.SNAPSHOT_EVERY, "-2")
+    made = []
+
+    @resilient.elastic(runtime=lambda: made.append(1))
+    def train(ctx):
+        pass
+
+    with pytest.raises(ConfigError, match=r"snapshot_every=-2 must be >= 0.*\$RESILIENT_SNAPSHOT_EVERY"):
+        train()
+    assert made == []  # refused before a runtime was made

@@ -86,6 +86,10 @@ def test_enospc_on_one_writer_fails_cleanly_and_keeps_the_previous_latest(make_c
     assert not (tmp_path / "ckpt" / "step-00000003").exists()
     assert (in_flight / "rank-1.safetensors").read_bytes() == b"being written"
     assert json.loads(c.kv.get(c.keys.persisted_latest).value)["step"] == 2
+    # what the exit summary reports: the committer's failed round and the writer's failed shard
+    committer, writer = ps[0].last_attempt(), ps[1].last_attempt()
+    assert (committer.step, committer.final) == (3, False) and committer.error.startswith("ENOSPC: ")
+    assert writer.step == 3 and writer.error.startswith("rank 1: ENOSPC: ")
 
 
 def test_no_surviving_copy_restores_every_rank_from_disk(make_cluster, persisted, tmp_path, event_log):
@@ -164,3 +168,57 @@ def test_surviving_replica_of_the_lost_rank_is_its_restore_source(make_cluster, 
     src = c.mgrs[1].prepare_restore(0, a)
     assert (src.source_rank, src.origin, src.step) == (0, "peer:n0", 5)
     assert torch.equal(c.read(1, src), state(0, 5))
+
+
+def _persist_steps(c, ps, *steps):
+    for step in steps:
+        commit_step(c, [0, 1], step)
+        ps[0].tick(final=True)
+        ps[1].tick(final=True)
+        assert latest_complete(str(ps[0].directory)).step == step
+
+
+def test_a_corrupt_shard_on_disk_fails_that_rank_and_sets_the_checkpoint_aside_so_all_restore_the_older_one(
+        make_cluster, persisted, tmp_path, event_log):
+    """Before, the rank whose shard failed its crc32 got no source (a fresh start for it alone) while the others
+    restored the newest step, and the damaged checkpoint stayed to be counted by retention."""
+    from resilient.errors import CheckpointCorruptError
+    from resilient.persist import open_storage
+    from resilient.persist.reader import set_aside_dirs
+
+    c = make_cluster(2, replicas=2)
+    a = c.form(1, [0, 1])
+    ps = persisted(c)
+    _persist_steps(c, ps, 2, 6)
+    ckpt = tmp_path / "ckpt"
+    shard = ckpt / "step-00000006" / "rank-1.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="set aside") as info:
+        ps[1].restore(1, a, "test: nothing in memory")
+    assert "rank-1.safetensors" in str(info.value) and "crc32" in str(info.value)
+    [aside] = set_aside_dirs(open_storage(str(ckpt)))
+    assert aside.startswith("step-00000006.corrupt-") and (ckpt / aside / "rank-1.safetensors").exists()
+    # the next attempt of every rank restores the same older step
+    for k in (0, 1):
+        src = ps[k].restore(k, a, "test: nothing in memory")
+        assert (src.origin, src.step) == ("durable", 2)
+        assert torch.equal(c.read(k, src), state(k, 2))
+
+
+def test_every_committed_checkpoint_damaged_fails_the_restore_rather_than_start_from_scratch(
+        make_cluster, persisted, tmp_path):
+    from resilient.errors import CheckpointCorruptError
+
+    c = make_cluster(2, replicas=2)
+    a = c.form(1, [0, 1])
+    ps = persisted(c)
+    _persist_steps(c, ps, 2, 6)
+    ckpt = tmp_path / "ckpt"
+    for step in (2, 6):
+        (ckpt / f"step-{step:08d}" / "manifest.json").write_text("{")
+    with pytest.raises(CheckpointCorruptError, match="every committed checkpoint") as info:
+        ps[0].restore(0, a, "test: nothing in memory")
+    assert str(ckpt / "step-00000002") in str(info.value) and str(ckpt / "step-00000006") in str(info.value)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000002", "step-00000006"]

@@ -1,8 +1,9 @@
 """The contract every fault action implements, and the plan that actions fill in before launch.
 
-A driver validates its target and params at load time (``validate``), arms what must be armed before
-the hosts start (``prepare``: failpoints, in-worker hooks, proxies), injects when its trigger is due
-(``inject``), and heals (``heal``). ``inject`` returns an ``Injection``: the evidence fields for the
+A driver declares the params and target keys it reads (``accepts_params``, ``accepts_target``: the
+scenario loader refuses any other) and validates their values at load time (``validate``), arms what
+must be armed before the hosts start (``prepare``: failpoints, in-worker hooks, proxies), injects when
+its trigger is due (``inject``), and heals (``heal``). ``inject`` returns an ``Injection``: the evidence fields for the
 ``fault.fired`` event, or ``deferred=True`` when the evidence comes later from the process itself (a
 failpoint or an in-worker hook), in which case ``evidence(event)`` recognises it. ``followups`` are
 further timed steps of the same injection (resume after a pause, kill after a blackhole).
@@ -50,6 +51,10 @@ class Driver(abc.ABC):
     requires: tuple[str, ...] = ()
     reactions: tuple[str, ...] = ()
     takes_host: bool = False  # the target host is expected to die or be fenced (exit code may be non-zero)
+    # what the action reads from ``params`` and ``target``: anything else in a scenario is refused at load
+    # (a misspelt key would otherwise be ignored and the default used in silence)
+    accepts_params: tuple[str, ...] = ()
+    accepts_target: tuple[str, ...] = ("host",)
 
     @classmethod
     def validate(cls, target: Mapping[str, Any], params: Mapping[str, Any], topology: Topology, where: str) -> None:

@@ -14,6 +14,7 @@ from resilient.etcd.server import EmbeddedCluster
 class EtcdKill(Driver):
     name = "etcd_kill"
     reactions = ("step.done",)
+    accepts_target = ("member",)
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:

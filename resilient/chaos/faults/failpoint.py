@@ -17,6 +17,7 @@ class Failpoint(Driver):
     name = "failpoint"
     reactions = ()
     takes_host = True
+    accepts_params = ("name", "action")
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:

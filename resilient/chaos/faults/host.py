@@ -22,6 +22,7 @@ class HostLoss(Driver):
     name = "host_loss"
     reactions = ("gen.formed", "restore.done")
     takes_host = True
+    accepts_params = ("silence_s",)
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:

@@ -18,6 +18,7 @@ class Partition(Driver):
     requires = ("root", "netns", "iptables")
     reactions = ("gen.formed",)
     takes_host = True
+    accepts_params = ("mode",)
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:
@@ -50,6 +51,7 @@ class SlowLink(Driver):
 
     name = "slow_link"
     reactions = ("step.done",)
+    accepts_params = ("delay_ms", "blackhole")
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:
@@ -57,6 +59,9 @@ class SlowLink(Driver):
         param_number(params, "delay_ms", 100, where)
         if not isinstance(params.get("blackhole", False), bool):
             raise ScenarioError(f"{where}: params.blackhole must be true or false.")
+        if params.get("blackhole") and "delay_ms" in params:
+            raise ScenarioError(f"{where}: params.delay_ms has no effect with blackhole: true (nothing gets "
+                                "through); remove one of them.")
 
     def prepare(self, fault: Fault, plan: Plan, topology: Topology) -> None:
         plan.proxied.add(fault.target["host"])

@@ -42,14 +42,24 @@ class KillWorker(Driver):
 
     name = "kill_worker"
     reactions = ("worker.exit",)
+    accepts_params = ("mode", "signal", "repeat")
+    accepts_target = ("host", "rank", "local_rank")
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:
         need_host(target, topology, where)
         mode = param_choice(params, "mode", ("signal", "segfault", "exception"), "signal", where)
         param_choice(params, "signal", SIGNALS, "KILL", where)
+        if not isinstance(params.get("repeat", False), bool):
+            raise ScenarioError(f"{where}: params.repeat={params['repeat']!r} must be true or false.")
         if mode != "signal" and "local_rank" not in target:
             raise ScenarioError(f"{where}: in-worker modes need target.local_rank.")
+        if mode != "signal" and "signal" in params:
+            raise ScenarioError(f"{where}: params.signal applies only to mode: signal (mode {mode} does not send "
+                                "one); remove it or use mode: signal.")
+        if mode == "signal" and "repeat" in params:
+            raise ScenarioError(f"{where}: params.repeat applies only to the in-worker modes segfault and "
+                                "exception (a signal is sent once); remove it or change the mode.")
 
     def requirements(self, fault: Fault) -> tuple[str, ...]:
         return ("chaos_hooks",) if fault.params.get("mode", "signal") != "signal" else ()
@@ -89,14 +99,20 @@ class Hang(Driver):
 
     name = "hang"
     reactions = ("worker.hang",)
+    accepts_params = ("mode", "seconds")
+    accepts_target = ("host", "rank", "local_rank")
     IN_WORKER = ("gil", "sleep")
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:
         need_host(target, topology, where)
         mode = param_choice(params, "mode", ("sigstop", *cls.IN_WORKER), "sigstop", where)
+        param_number(params, "seconds", 3600, where)
         if mode in cls.IN_WORKER and "local_rank" not in target:
             raise ScenarioError(f"{where}: the {mode} mode needs target.local_rank.")
+        if mode not in cls.IN_WORKER and "seconds" in params:
+            raise ScenarioError(f"{where}: params.seconds applies only to the gil and sleep modes (sigstop holds "
+                                "the worker until the heal); remove it or set heal.after.")
 
     def _in_worker(self, fault: Fault) -> bool:
         return fault.params.get("mode") in self.IN_WORKER
@@ -168,6 +184,7 @@ class PauseNode(Driver):
     name = "pause_node"
     reactions = ("gen.formed",)
     takes_host = True
+    accepts_params = ("seconds",)
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:

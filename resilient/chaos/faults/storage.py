@@ -21,6 +21,7 @@ class CorruptReplica(Driver):
 
     name = "corrupt_replica"
     reactions = ("ckpt.verify_failed",)
+    accepts_params = ("nbytes",)
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:
@@ -98,6 +99,8 @@ class DiskFull(Driver):
     name = "disk_full"
     requires = ("root", "tmpfs")
     reactions = ("persist.failed",)
+    accepts_params = ("leave_kb",)
+    accepts_target = ()
 
     @classmethod
     def validate(cls, target, params, topology: Topology, where: str) -> None:
