@@ -33,6 +33,7 @@ from resilient.errors import ConfigError, PersistError
 from resilient.logs import get_logger
 from resilient.persist.fs import Storage, open_storage
 from resilient.persist.manifest import Manifest
+from resilient.persist.reader import what_stays
 from resilient.persist.retention import apply_retention, clean_leftovers
 from resilient.persist.writer import ShardLike, write_checkpoint
 
@@ -187,18 +188,6 @@ class Persister:
                      job.step, by)
             self._emit("persist.superseded", step=job.step, by_step=by)
 
-    def _what_stays(self) -> str:
-        """After a failed write: which checkpoint stays the latest, if any (a sentence)."""
-        from resilient.persist.reader import newest_readable
-
-        try:
-            newest = newest_readable(self.storage)
-        except (OSError, PersistError) as exc:
-            return f"whatever was committed before is unchanged (the directory cannot be listed: {exc})."
-        if newest is None:
-            return f"there is no earlier checkpoint in {self.config.directory}, so nothing is persisted yet."
-        return f"earlier checkpoints are unchanged and the newest of them, step {newest.step}, stays the latest."
-
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -240,8 +229,8 @@ class Persister:
             log.error("Persisting step %d to %s failed: %s", job.step, self.config.directory, exc)
             raise PersistError(
                 f"Persisting step {job.step} to {self.config.directory} failed ({type(exc).__name__}: {exc}). "
-                f"What it wrote was removed; {self._what_stays()} Free space or fix the storage; the next persist "
-                f"will try again."
+                f"What it wrote was removed; {what_stays(self.storage, self.config.directory)} Free space or fix the "
+                f"storage; the next persist will try again."
             ) from exc
         seconds = time.monotonic() - started
         self._emit("persist.commit", step=job.step, generation=job.generation, bytes=manifest.total_bytes,

@@ -301,6 +301,18 @@ def newest_readable(directory: str | Storage, *, storage_options: dict | None = 
     return None
 
 
+def what_stays(directory: str | Storage, shown_as: str) -> str:
+    """After a failed persist: which checkpoint stays the latest, if any (a sentence, for messages).
+    ``shown_as``: the persist directory as the user gave it."""
+    try:
+        newest = newest_readable(directory)
+    except (OSError, PersistError) as exc:
+        return f"whatever was committed before is unchanged ({shown_as} cannot be listed: {exc})."
+    if newest is None:
+        return f"there is no earlier checkpoint in {shown_as}, so nothing is persisted yet."
+    return f"earlier checkpoints are unchanged and the newest of them, step {newest.step}, stays the latest."
+
+
 def find_latest(
     directory: str | Storage,
     rank: int | None = None,

@@ -57,7 +57,7 @@ from resilient.persist.manifest import (
     shard_entry_to_dict,
     step_dir_name,
 )
-from resilient.persist.reader import find_latest, load, newest_readable, set_aside
+from resilient.persist.reader import find_latest, load, set_aside, what_stays
 from resilient.persist.retention import apply_retention, clean_leftovers
 from resilient.persist.writer import commit_manifest, resilient_version, write_shard
 from resilient.runtime.api import RestoreSource
@@ -274,6 +274,7 @@ class ShardedPersist:
                     # lives on and the next request persists a newer step
                     log.warning("persist %s of step %d failed (%s: %s); waiting for the next request", what,
                                 req.step, type(exc).__name__, exc)
+                    self._record(req.step, f"{type(exc).__name__}: {exc}")
                     events.emit("persist.failed", step=req.step, errno=errno_of(exc),
                                 error=f"{type(exc).__name__}: {exc}", dir=self.directory)
                 finally:
@@ -399,11 +400,11 @@ class ShardedPersist:
                         bound.location, self.keys.persisted_latest, exc)
         events.emit("persist.commit", step=req.step, generation=req.generation, bytes=bound.total_bytes,
                     seconds=round(seconds, 6), location=bound.location, shards=req.world_size)
-        events.emit("persist.done", step=req.step, dir=self.directory)
         log.info("persisted step %d (%d shards, %d bytes) to %s", req.step, req.world_size, bound.total_bytes,
                  bound.location)
         self._record(req.step, None)
         self._tidy(req.step)
+        events.emit("persist.done", step=req.step, dir=self.directory)  # the round is over: all of it is visible
 
     def _record(self, step: int, error: str | None) -> None:
         attempt = PersistAttempt(step, step == self._final_step, error)
@@ -417,18 +418,9 @@ class ShardedPersist:
         with self._cv:
             return self._attempt
 
-    def _what_stays(self) -> str:
-        try:
-            newest = newest_readable(self.storage)
-        except (OSError, PersistError) as exc:
-            return f"whatever was committed before is unchanged ({self.directory} cannot be listed: {exc})"
-        if newest is None:
-            return f"there is no earlier checkpoint in {self.directory}, so nothing is persisted yet"
-        return f"the previous checkpoint, step {newest.step}, stays the latest"
-
     def _fail(self, req: Request, directory: str, code: str | None, problem: str) -> None:
-        events.emit("persist.failed", step=req.step, errno=code, error=problem, dir=self.directory)
-        log.warning("persisting step %d failed (%s); %s", req.step, problem, self._what_stays())
+        log.warning("persisting step %d failed (%s); %s", req.step, problem,
+                    what_stays(self.storage, self.directory))
         self._record(req.step, f"{code}: {problem}" if code else problem)
         try:
             if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
@@ -436,6 +428,8 @@ class ShardedPersist:
         except OSError as exc:
             log.warning("could not remove the unfinished checkpoint %s: %s", directory, exc)
         self._tidy(req.step)
+        # the round is over (its directory removed, the tidy-up done): what the event reports is all visible
+        events.emit("persist.failed", step=req.step, errno=code, error=problem, dir=self.directory)
 
     def _tidy(self, step: int) -> None:
         """Drop the results of this and older rounds; retention; leftovers of abandoned rounds."""

@@ -1,5 +1,6 @@
-"""``ShardManager``: the node agent's owner of snapshot shards — local segments, replication to peers,
-checkpoint commit in etcd, and restore from whichever copy survived.
+"""``ShardManager``: the node agent's owner of snapshot shards — local segments and their lifetime,
+replication to peers, checkpoint commit in etcd, and serving peers' offers, pulls and drops; restore from
+whichever copy survived goes through its ``ShardRestorer``.
 
 Flow of one sealed snapshot (``on_sealed``, never blocking the caller): the newest seal of a rank replaces
 one still queued (the older one is skipped and counted); a sender thread verifies the slot in place,
@@ -18,15 +19,9 @@ deadline, an indeterminate transaction) retries the snapshot once while it is st
 within its time budget, else skips it with ``cause="etcd"``; the sender threads never die of it, so commits
 resume with the next snapshot once etcd answers again.
 
-Restore (``prepare_restore``): the committed step only; the local copy when present and verified, else
-each holder in the restore plan in turn (``Pull``: the holder verifies its copy, reports corruption
-instead of sending it, and streams it into this node's bulk receiver), every copy checked against the
-manifest's digest; a corrupt copy is reported (``ckpt.verify_failed``) and skipped. ``origin`` says
-where the bytes came from: ``local`` (this node's own snapshot) or ``peer:<node>`` (a replica that node
-sent here before it was lost, or a copy fetched from that holder now). When the committed
-step cannot be restored from memory (no commit at all, or a shard with no holder left among the members),
-every rank goes to the durable tier (``durable_fallback``, installed by the agent's durable wiring) so the
-ranks never mix steps; with a world-size change, any rank's verified shard serves before the disk does.
+Restore (``prepare_restore``) is delegated to the ``ShardRestorer`` this manager owns (``restorer``,
+``resilient.replication.restorer``); the manager shares with it its lock, its counters and the table of
+transfers its bulk receiver expects, and forwards ``stripe_min_bytes`` and ``durable_fallback`` to it.
 
 ``start`` binds the peer and bulk ports (port 0 picks free ones) and replaces ``node`` with the bound
 addresses (``peer_address``, ``bulk_address``): callers announce ``manager.node`` as it is after ``start``.
@@ -39,7 +34,7 @@ import dataclasses
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from resilient import events
@@ -58,9 +53,8 @@ from resilient.etcd.api import KVStore, WatchEvent, WatchHandle
 from resilient.keys import JobKeys
 from resilient.logs import get_logger
 from resilient.replication import placement as placement_mod
-from resilient.replication import restore as restore_mod
 from resilient.replication import slices as slices_mod
-from resilient.replication.commit import COMMIT, CommitExecutor, read_commit, read_manifests
+from resilient.replication.commit import COMMIT, CommitExecutor, read_commit
 from resilient.replication.local import LocalShards, digest_of, receive_target, verify
 from resilient.replication.manifest import CommitRecord, ShardManifest
 from resilient.replication.peer_service import (
@@ -74,6 +68,7 @@ from resilient.replication.peer_service import (
     start_server,
 )
 from resilient.replication.ratelimit import Pacer
+from resilient.replication.restorer import Expected, ShardRestorer
 from resilient.replication.settings import ReplicationSettings
 from resilient.replication.withdrawn import Withdrawn
 from resilient.runtime.api import OverwriteAnswer, RestoreSource
@@ -81,10 +76,6 @@ from resilient.store.transport import BulkReceiver, SlotHeader, send_slot
 from resilient._proto import peer_pb2 as pb
 
 log = get_logger(__name__)
-
-REPLAN_WAIT_S = 30.0  # how long a restore that voided the memory step waits for the next generation
-REPLAN_POLL_S = 0.05
-STRIPE_MIN_BYTES = 4 << 20  # smaller shards are pulled whole from one holder (striping costs a round trip each)
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -101,20 +92,6 @@ class _Job:
     generation: int
     nbytes: int
     queued_at: float
-
-
-@dataclass
-class _Expected:
-    deadline: float
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-class _SliceMissing(Exception):
-    """A slice of a deduplicated step has no verified copy to restore from (internal to the restore)."""
-
-    def __init__(self, rank: int, what: str) -> None:
-        super().__init__(what)
-        self.rank = rank
 
 
 @dataclass
@@ -179,8 +156,7 @@ class ShardManager(PeerHandler):
         self._order: list[int] = []
         self._active: set[int] = set()
         self._sending: dict[int, tuple[int, socket.socket]] = {}  # rank -> (generation, socket) of a bulk send
-        self._expect: dict[tuple[int, int, int], _Expected] = {}
-        self._fetching: dict[tuple[int, int, int], threading.Lock] = {}  # one restore fetch per shard at a time
+        self._expect: dict[tuple[int, int, int], Expected] = {}  # transfers the bulk receiver accepts
         # paces every piece of every transfer (``send_slot(..., pace=...)``), so a big shard is paced inside
         # its transfer rather than bursting at line rate
         self._pace = (
@@ -195,9 +171,30 @@ class ShardManager(PeerHandler):
         self._watch: WatchHandle | None = None
         self.peer_address: str | None = None
         self.bulk_address: str | None = None
-        self.stripe_min_bytes = STRIPE_MIN_BYTES  # a shard at least this big is pulled striped across its holders
-        # (rank, assignment, reason) -> RestoreSource | None: restore from the durable tier
-        self.durable_fallback: Callable[[int, object, str], RestoreSource | None] | None = None
+        self.restorer = ShardRestorer(
+            kv, keys, node.node_id, local=self.local, client=self.client, executor=self.executor,
+            rendezvous=rendezvous, settings=self.settings, lock=self._lock, stats=self.stats, expect=self._expect,
+            keep=self._keep, advance_committed=self._advance_committed,
+        )
+
+    @property
+    def stripe_min_bytes(self) -> int:
+        """A shard at least this big is pulled striped across its holders (``ShardRestorer``'s setting)."""
+        return self.restorer.stripe_min_bytes
+
+    @stripe_min_bytes.setter
+    def stripe_min_bytes(self, nbytes: int) -> None:
+        self.restorer.stripe_min_bytes = nbytes
+
+    @property
+    def durable_fallback(self) -> Callable[[int, object, str], RestoreSource | None] | None:
+        """``(rank, assignment, reason) -> RestoreSource | None``: restore from the durable tier (the
+        ``ShardRestorer``'s; installed by the agent's durable wiring)."""
+        return self.restorer.durable_fallback
+
+    @durable_fallback.setter
+    def durable_fallback(self, fallback: Callable[[int, object, str], RestoreSource | None] | None) -> None:
+        self.restorer.durable_fallback = fallback
 
     # --- lifetime ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -209,6 +206,7 @@ class ShardManager(PeerHandler):
             bhost, bport, self.token, self._resolve, timeout=self.settings.replicate_timeout_s, on_received=self._on_received
         )
         self.bulk_address = f"{bhost}:{self._receiver.address[1]}"
+        self.restorer.bulk_address = self.bulk_address  # where the holders it pulls from stream copies to
         servicer = PeerServicer(self, self.authority)
         self._server, self.peer_address = start_server(servicer, self.node.addr, self.settings.max_message_bytes, tls=self.tls)
         self.node = dataclasses.replace(self.node, addr=self.peer_address, bulk_addr=self.bulk_address)
@@ -558,7 +556,7 @@ class ShardManager(PeerHandler):
         except (EtcdError, ReplicationError) as exc:
             return False, f"{self.node.node_id} cannot withdraw its copy the transfer would go over now ({exc})"
         with self._lock:
-            self._expect[(ref.rank, ref.step, ref.shard_generation)] = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
+            self._expect[(ref.rank, ref.step, ref.shard_generation)] = Expected(time.monotonic() + self.settings.replicate_timeout_s)
         return True, ""
 
     def _resolve(self, header: SlotHeader):
@@ -607,7 +605,7 @@ class ShardManager(PeerHandler):
             try:
                 verify(seg, slot)
             except ChecksumError as exc:
-                self._report_corrupt(ref.rank, ref.step, self.node.node_id, str(exc))
+                self.restorer.report_corrupt(ref.rank, ref.step, self.node.node_id, str(exc))
                 continue
             sent = send_slot(seg, slot, split_hostport(bulk_addr), self.token, timeout=self.settings.replicate_timeout_s,
                              pace=self._pace, byte_range=byte_range)
@@ -647,277 +645,7 @@ class ShardManager(PeerHandler):
                 skipped=s.skipped,
             )
 
-    # --- restore ----------------------------------------------------------------------------------------
-    def _report_corrupt(self, rank: int, step: int, holder: str, detail: str) -> None:
-        with self._lock:
-            self.stats.verify_failed += 1
-        log.warning("copy of rank %d step %d on %s failed verification: %s", rank, step, holder, detail)
-        events.emit("ckpt.verify_failed", rank=rank, step=step, holder=holder, detail=detail)
-
-    def _check_copy(self, seg, slot: int, plan: restore_mod.RestorePlan, holder: str) -> bool:
-        try:
-            digest = verify(seg, slot)
-        except ChecksumError as exc:
-            self._report_corrupt(plan.source_rank, plan.step, holder, str(exc))
-            return False
-        if digest != plan.checksum:
-            self._report_corrupt(plan.source_rank, plan.step, holder, "its digest differs from the shard manifest")
-            return False
-        return True
-
+    # --- restore (``resilient.replication.restorer``) ---------------------------------------------------
     def prepare_restore(self, rank: int, assignment) -> RestoreSource | None:
-        """Where ``rank`` restores from in ``assignment``: a local segment holding the committed step
-        (fetched from a peer first when needed), else the durable tier (see the module docstring). None
-        when nothing was ever committed or persisted; ReplicationError when no source can supply it."""
-        committed, _ = read_commit(self.kv, self.keys)
-        if committed is None:
-            return self._durable(rank, assignment, "no step was ever committed in memory")
-        self._advance_committed(committed)
-        manifests = read_manifests(self.kv, self.keys, committed.generation, committed.step)
-        held = {r for r in manifests if self.local.find(r, committed.step, committed.generation)}
-        members = set(assignment.node_ids)
-        listed = restore_mod.listed_here(held, manifests, self.node.node_id)
-        # whether the step is sliced comes from etcd too (not from the copies held here, which a fresh host lacks)
-        sliced = any(m.sliced for m in manifests.values())
-        lost = restore_mod.unrecoverable(committed, manifests, listed, members, assignment.world_size, need_all=sliced)
-        if lost:
-            # decided from etcd and the membership alone, so every agent decides the same: no step mix
-            return self._durable(rank, assignment, f"committed step {committed.step} has no surviving copy of "
-                                                   f"the shards of ranks {lost}", required=True)
-        t0 = time.monotonic()
-        tried: list[str] = []
-        failed: list[int] = []
-        for source in restore_mod.source_order(rank, assignment.world_size, committed, held, set(manifests)):
-            plan = restore_mod.plan(rank, assignment.world_size, self.node.node_id, committed, manifests, held,
-                                    members, source=source)
-            if plan is None:
-                continue
-            src = self._restore_from(plan, assignment, t0)
-            if src is not None:
-                try:
-                    return self._with_slices(src, rank, assignment, committed, manifests, held, members, t0)
-                except _SliceMissing as exc:
-                    tried.append(str(exc))
-                    failed.append(exc.rank)
-                break  # every rank's slice is needed: no other choice of source can do without this one
-            tried.append(f"rank {source}'s shard (local: {plan.local}, holders: {list(plan.peers)})")
-            failed.append(source)
-        reason = f"no verified copy of committed step {committed.step} could be fetched ({'; '.join(tried) or 'no manifest'})"
-        if failed and self._void_memory_step(committed, {r: manifests[r] for r in failed if r in manifests}, members,
-                                             assignment.generation, reason):
-            raise ReplicationError(f"Rank {rank} has no restore source in generation {assignment.generation}: {reason}; "
-                                   f"that generation is over and generation {assignment.generation + 1} re-plans "
-                                   "every rank's restore from the durable tier.")
-        return self._durable(rank, assignment, reason, required=True)
-
-    def _void_memory_step(self, committed: CommitRecord, failed: dict[int, ShardManifest], members: set[str],
-                          generation: int, reason: str) -> bool:
-        """Make one agent's fetch-time failure every agent's verdict (see ``restore``'s docstring): strike
-        the members off the failed shards' manifests, publish a fault so that a rank which already planned
-        the memory step re-plans, and wait for the next generation, so that this generation never trains
-        (nor commits) from a mix of steps. True when the next generation formed (this one gets no source)."""
-        try:
-            for manifest in failed.values():
-                self.executor.write_manifest(generation, restore_mod.struck_off(manifest, members))
-            self.rendezvous.publish_fault(generation, "restore.unverified",
-                                          {"step": committed.step, "ranks": sorted(failed), "reason": reason})
-        except (FencedError, EtcdError) as exc:
-            log.info("generation %d is over already; the next one re-plans its restore: %s", generation, exc)
-            return True
-        deadline = time.monotonic() + REPLAN_WAIT_S
-        while self.kv.get(self.keys.gen(generation + 1)) is None:
-            if time.monotonic() >= deadline:
-                log.warning("generation %d was not replaced within %gs of its restore fault", generation, REPLAN_WAIT_S)
-                return False
-            time.sleep(REPLAN_POLL_S)
-        return True
-
-    def _marker(self, rank: int, step: int, generation: int, segment: str | None = None) -> slices_mod.Marker | None:
-        """The slice marker of the local copy of ``rank``'s shard of (step, generation) (in ``segment`` when
-        named), None when no such copy is here or it holds a whole snapshot."""
-        for seg, slot in self.local.find(rank, step, generation):
-            if segment is None or seg.name == segment:
-                try:
-                    return slices_mod.marker_of(seg, slot)
-                except (StoreError, ChecksumError) as exc:
-                    log.warning("cannot read the slice marker of %s: %s", seg.name, exc)
-        return None
-
-    def _with_slices(self, src: RestoreSource, rank: int, assignment, committed: CommitRecord,
-                     manifests: dict[int, ShardManifest], held: set[int], members: set[str], t0: float) -> RestoreSource:
-        """``src`` itself for a whole snapshot; for a sliced one (dedup), ``src`` with the local segment of
-        every rank's slice of the step, each fetched like a shard (local verified copy, else a holder)."""
-        marker = self._marker(src.source_rank, src.step, src.generation, src.segment)
-        if marker is None:
-            return src
-        names = []
-        for r in range(marker.world_size):
-            if r == src.source_rank:
-                names.append(src.segment)
-                continue
-            plan = restore_mod.plan(rank, assignment.world_size, self.node.node_id, committed, manifests, held,
-                                    members, source=r)
-            got = self._restore_from(plan, assignment, t0, announce=False) if plan is not None else None
-            if got is None:
-                raise _SliceMissing(r, f"rank {r}'s slice of the deduplicated step {src.step} (holders: "
-                                       f"{list(plan.peers) if plan is not None else 'no manifest'})")
-            names.append(got.segment)
-        log.info("rank %d restores step %d from %d slices (dedup)", rank, src.step, len(names))
-        return dataclasses.replace(src, slices=tuple(names))
-
-    def _restore_from(self, plan: restore_mod.RestorePlan, assignment, t0: float,
-                      announce: bool = True) -> RestoreSource | None:
-        if plan.local:
-            for seg, slot in self.local.find(plan.source_rank, plan.step, plan.generation):
-                if self._check_copy(seg, slot, plan, self.node.node_id):
-                    return self._source(plan, seg.name, self._origin_of(seg, plan), t0, announce)
-        if len(plan.peers) > 1 and plan.nbytes >= self.stripe_min_bytes:
-            try:
-                name, used = self._pull_striped(plan, assignment)
-            except (PeerRefused, ReplicationError, TransportError, StoreError) as exc:
-                log.warning("striped restore of rank %d's shard from %s failed (%s); pulling it whole from one holder",
-                            plan.source_rank, list(plan.peers), exc)
-                name, used = None, []
-            if name is not None:
-                return self._source(plan, name, "peer:" + "+".join(used), t0, announce)
-        for peer in plan.peers:
-            entry = assignment.entry(peer)
-            try:
-                name = self._pull(plan, peer, entry)
-            except (PeerRefused, ReplicationError, TransportError, StoreError) as exc:
-                log.warning("restore of rank %d from %s failed: %s", plan.rank, peer, exc)
-                continue
-            if name is not None:
-                return self._source(plan, name, f"peer:{peer}", t0, announce)
-        return None
-
-    def _origin_of(self, seg, plan: restore_mod.RestorePlan) -> str:
-        """``local`` for this node's own snapshot; ``peer:<node>`` for a replica that node sent here."""
-        if seg.name == self.local.name(plan.source_rank, True) or not plan.owner or plan.owner == self.node.node_id:
-            return "local"
-        return f"peer:{plan.owner}"
-
-    def _durable(self, rank: int, assignment, reason: str, required: bool = False) -> RestoreSource | None:
-        fallback = self.durable_fallback
-        src = fallback(rank, assignment, reason) if fallback is not None else None
-        marker = self._marker(src.source_rank, src.step, src.generation, src.segment) if src is not None else None
-        if marker is not None:  # a deduplicated checkpoint: every rank's slice from the durable tier too
-            names = []
-            for r in range(marker.world_size):
-                part = src if r == src.source_rank else fallback(r, assignment, reason)
-                if part is None or (part.step, part.generation) != (src.step, src.generation):
-                    raise ReplicationError(f"Rank {rank} cannot be restored: rank {r}'s slice of the deduplicated "
-                                           f"durable checkpoint of step {src.step} could not be loaded ({reason}).")
-                names.append(part.segment)
-            src = dataclasses.replace(src, slices=tuple(names))
-        if src is not None or not required:
-            if src is None:
-                log.info("rank %d: no restore source (%s; no durable checkpoint either)", rank, reason)
-            return src
-        raise ReplicationError(f"Rank {rank} cannot be restored: {reason}, and no durable checkpoint could be "
-                               "loaded (run with --persist-dir to have one).")
-
-    def _pull(self, plan: restore_mod.RestorePlan, peer: str, entry) -> str | None:
-        key = (plan.source_rank, plan.step, plan.generation)
-        with self._lock:
-            fetch = self._fetching.setdefault(key, threading.Lock())
-        with fetch:  # one fetch per shard: the local ranks of a deduplicated step all need the same slices
-            for s, slot in self.local.find(*key):  # fetched meanwhile for another rank of this node
-                if self._check_copy(s, slot, plan, self.node.node_id):
-                    return s.name
-            return self._pull_once(plan, peer, entry)
-
-    def _pull_striped(self, plan: restore_mod.RestorePlan, assignment) -> tuple[str | None, list[str]]:
-        """Pull one shard from all its holders at once: disjoint byte ranges (one per holder, in the plan's
-        order), each streamed by its holder into this node's receiver, which verifies every chunk and seals
-        the slot when the last stripe is in. A stripe whose holder fails is asked of the next holder.
-        Returns the segment name (None: not verified) and the holders that served stripes."""
-        key = (plan.source_rank, plan.step, plan.generation)
-        with self._lock:
-            fetch = self._fetching.setdefault(key, threading.Lock())
-        with fetch:
-            for s, slot in self.local.find(*key):  # fetched meanwhile for another rank of this node
-                if self._check_copy(s, slot, plan, self.node.node_id):
-                    return s.name, [self.node.node_id]
-            peers = list(plan.peers)
-            ranges = restore_mod.stripes(plan.nbytes, len(peers))
-            exp = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
-            seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes, keep=self._keep())
-            with self._lock:
-                self._expect[key] = exp
-            ref = pb.ShardRef(rank=plan.source_rank, step=plan.step, shard_generation=plan.generation, nbytes=plan.nbytes,
-                              world_size=plan.world_size)
-            used: list[str] = []
-            errors: list[str] = []
-
-            def fetch_stripe(i: int) -> None:
-                for k in range(len(peers)):
-                    peer = peers[(i + k) % len(peers)]
-                    try:
-                        reply = self.client.pull(assignment.entry(peer).addr, ref, self.bulk_address,
-                                                 timeout=self.settings.replicate_timeout_s, byte_range=ranges[i])
-                    except (PeerRefused, ReplicationError, TransportError, StoreError) as exc:
-                        errors.append(f"{peer}: {exc}")
-                        continue
-                    if reply.ok:
-                        used.append(peer)
-                        return
-                    if reply.corrupt:
-                        self._report_corrupt(plan.source_rank, plan.step, peer, reply.reason)
-                    errors.append(f"{peer}: {reply.reason}")
-
-            threads = [threading.Thread(target=fetch_stripe, args=(i,), name=f"stripe-{i}", daemon=True)
-                       for i in range(len(ranges))]
-            try:
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(self.settings.replicate_timeout_s + self.settings.rpc_timeout_s)
-                if not exp.done.wait(self.settings.rpc_timeout_s if not errors else 0.0):
-                    raise ReplicationError(f"the stripes of rank {plan.source_rank}'s shard did not all arrive "
-                                           f"({'; '.join(errors) or 'no holder reported a failure'})")
-            finally:
-                with self._lock:
-                    self._expect.pop(key, None)
-            with self._lock:
-                self.stats.restored_bytes += plan.nbytes
-            for s, slot in self.local.find(*key):
-                if s.name == seg.name and self._check_copy(s, slot, plan, "+".join(sorted(set(used)))):
-                    log.info("rank %d's shard of step %d pulled in %d stripes from %s", plan.source_rank, plan.step,
-                             len(ranges), sorted(set(used)))
-                    return s.name, sorted(set(used))
-            return None, sorted(set(used))
-
-    def _pull_once(self, plan: restore_mod.RestorePlan, peer: str, entry) -> str | None:
-        key = (plan.source_rank, plan.step, plan.generation)
-        exp = _Expected(time.monotonic() + self.settings.replicate_timeout_s)
-        seg = self.local.ensure(plan.source_rank, own=False, nbytes=plan.nbytes, keep=self._keep())
-        with self._lock:
-            self._expect[key] = exp
-        try:
-            ref = pb.ShardRef(rank=plan.source_rank, step=plan.step, shard_generation=plan.generation, nbytes=plan.nbytes,
-                              world_size=plan.world_size)
-            reply = self.client.pull(entry.addr, ref, self.bulk_address, timeout=self.settings.replicate_timeout_s)
-            if not reply.ok:
-                if reply.corrupt:
-                    self._report_corrupt(plan.source_rank, plan.step, peer, reply.reason)
-                raise ReplicationError(reply.reason)
-            if not exp.done.wait(self.settings.rpc_timeout_s):
-                raise ReplicationError(f"{peer} reported the transfer sent but it never arrived")
-        finally:
-            with self._lock:
-                self._expect.pop(key, None)
-        with self._lock:
-            self.stats.restored_bytes += plan.nbytes
-        for s, slot in self.local.find(plan.source_rank, plan.step, plan.generation):
-            if s.name == seg.name and self._check_copy(s, slot, plan, peer):
-                return s.name
-        return None
-
-    def _source(self, plan: restore_mod.RestorePlan, segment: str, origin: str, t0: float,
-                announce: bool = True) -> RestoreSource:
-        if announce:
-            events.emit("restore.plan", rank=plan.rank, step=plan.step, origin=origin, source_rank=plan.source_rank,
-                        seconds=round(time.monotonic() - t0, 6))
-        return RestoreSource(step=plan.step, generation=plan.generation, segment=segment, source_rank=plan.source_rank,
-                             origin=origin, world_size=plan.world_size)
+        """Where ``rank`` restores from in ``assignment``: ``ShardRestorer.prepare_restore``."""
+        return self.restorer.prepare_restore(rank, assignment)

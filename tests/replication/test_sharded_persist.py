@@ -45,7 +45,8 @@ def test_each_agent_writes_its_shards_and_rank0_commits_the_manifest(make_cluste
     commit_step(c, [0, 1, 2], 4)
     for p in ps:
         p.tick(final=False)
-    wait_until(lambda: latest_complete(str(tmp_path / "ckpt")) is not None, 90, "the manifest commit")
+    # the committer's persist.done comes once the round is over (manifest written, persisted/latest updated)
+    wait_until(lambda: any(e["kind"] == "persist.done" for e in kinds(event_log)), 90, "the manifest commit")
     m = latest_complete(str(tmp_path / "ckpt"))
     assert (m.step, m.world_size) == (4, 3)
     loaded = load(m)
