@@ -4,7 +4,7 @@
 # Run from the repository root:  bash bench/gpu_snapshot_check.sh   (writes everything under $OUT; < 4 min)
 #   env.txt       GPU, driver, nvcc, torch, /dev/shm, native module status, step times and exit codes
 #   build.log     pip install with RESILIENT_CUDA=ON for sm_90 (tail)
-#   pytest.txt    tests/store/test_gpu.py + tests/elastic/test_gpu_overlap.py
+#   pytest.txt    tests/store/test_gpu.py + tests/elastic/test_gpu_overlap.py + the CUDA persist round trip
 #   stall.jsonl   bench/snapshot_stall.py --device cuda --reps 3 at 100 MB, 1 GB, 4 GB
 #                 (stall_s overlapped, copy_s synchronous snapshot, memcpy_s pinned D2H copy_)
 #   stall_profile.txt  cProfile of the 1 GB configuration (CPU-side cost of the overlapped snapshot)
@@ -25,6 +25,11 @@ step pytest
 OMP_NUM_THREADS=1 timeout 90 "$PY" -m pytest tests/store/test_gpu.py tests/elastic/test_gpu_overlap.py -q -rs \
   -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
 echo "pytest exit $?" >>"$OUT/env.txt"
+# apart: its module needs hypothesis and safetensors, which the image may lack (a collection error there must
+# not stop the tests above)
+OMP_NUM_THREADS=1 timeout 60 "$PY" -m pytest tests/persist/test_persist_roundtrip.py -k cuda -q -rs \
+  -p no:cacheprovider >>"$OUT/pytest.txt" 2>&1
+echo "pytest (CUDA persist) exit $?" >>"$OUT/env.txt"
 
 step bench
 timeout 100 "$PY" bench/snapshot_stall.py --device cuda --reps 3 --sizes-mb 100,1000,4000 >"$OUT/stall.jsonl" 2>&1
