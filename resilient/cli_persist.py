@@ -206,7 +206,7 @@ def _check_out(path: str, out_path: str, *, force: bool) -> None:
                        f"{out_path.rstrip('/')}/model.pt).")
     if not has_scheme(path) or path.startswith("file://"):
         local = path[len("file://"):] if path.startswith("file://") else path
-        split = reader._split_checkpoint_path(local)
+        split = reader.split_checkpoint_path(local)
         tree = os.path.realpath(split[0] if split else local)  # the persist directory, also for one checkpoint
         target = os.path.realpath(out_path)
         if os.path.commonpath([tree, target]) == tree:

@@ -370,7 +370,7 @@ def latest_complete(
     return find_latest(directory, verify=verify, storage_options=storage_options, on_event=on_event).manifest
 
 
-def _split_checkpoint_path(path: str) -> tuple[str, str] | None:
+def split_checkpoint_path(path: str) -> tuple[str, str] | None:
     """(root, step directory) if ``path`` names one checkpoint (its directory or its manifest.json; a set-aside
     ``step-N.corrupt-...`` directory counts when named)."""
     trimmed = path.rstrip("/")
@@ -386,7 +386,7 @@ def _split_checkpoint_path(path: str) -> tuple[str, str] | None:
 
 def open_checkpoint(path: str, *, storage_options: dict | None = None) -> Manifest:
     """The manifest of the one checkpoint ``path`` names (``.../step-N`` or ``.../step-N/manifest.json``)."""
-    split = _split_checkpoint_path(path)
+    split = split_checkpoint_path(path)
     if split is None:
         raise PersistError(f"{path!r} does not name a checkpoint directory (step-NNNNNNNN) or its manifest.json.")
     root, directory = split
@@ -395,7 +395,7 @@ def open_checkpoint(path: str, *, storage_options: dict | None = None) -> Manife
 
 
 def is_checkpoint_path(path: str) -> bool:
-    return _split_checkpoint_path(path) is not None
+    return split_checkpoint_path(path) is not None
 
 
 def load(
