@@ -227,12 +227,8 @@ def _latest_for_export(path: str, out_path: str) -> Manifest:
     committed = reader.committed_dirs(storage)
     if not committed:
         raise PersistError(f"No complete checkpoint under {storage.location}; nothing to export.")
-    step, name = committed[0]
     try:
-        manifest = reader.read_manifest(storage, name)
-        if manifest.step != step:
-            raise CheckpointCorruptError(f"Its manifest says step {manifest.step}, its directory says {step}.")
-        reader.check_files(manifest)
+        manifest = reader.readable(storage, *committed[0])
     except CheckpointCorruptError as exc:
         raise _NewestDamaged(storage, committed, exc, out_path) from exc
     return manifest
@@ -242,13 +238,11 @@ class _NewestDamaged(PersistError):
     def __init__(self, storage, committed, exc: Exception, out_path: str) -> None:
         step, name = committed[0]
         older = None
-        for _, other in committed[1:]:
+        for other in committed[1:]:
             try:
-                candidate = reader.read_manifest(storage, other)
-                reader.check_files(candidate)
+                older = reader.readable(storage, *other)
             except (CheckpointCorruptError, OSError):
                 continue
-            older = candidate
             break
         hint = (f"The newest older one whose manifest reads is step {older.step}: export it by naming it, "
                 f"`resilient export {older.location} {out_path}`." if older is not None

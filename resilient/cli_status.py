@@ -9,8 +9,8 @@ agent address, last step seen (``progress/<node>``) and how old that report is, 
 left (a live agent keeps it near the TTL; a low value means missed keep-alives), nodes waiting to join,
 the committed checkpoint step, the restart count and whether the job is closed. ``read_status`` gathers
 it as a dict (also what ``--json`` prints; ``exists`` is false when etcd holds no key of the job at all,
-usually a mistyped ``--rdzv-id``); ``format_status`` renders the table. ``closed_text`` and
-``missing_job_hint`` are shared with ``resilient top``.
+usually a mistyped ``--rdzv-id``); ``format_status`` renders the table. ``closed_text``,
+``missing_job_hint`` and ``ago`` are shared with ``resilient top``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def _fmt(v: Any, unit: str = "") -> str:
     return "-" if v is None else f"{v}{unit}"
 
 
-def _ago(t: Any, now: float) -> str:
+def ago(t: Any, now: float) -> str:
+    """How long ago wall time ``t`` was, as ``3.0s ago`` (``?`` when it is not a number)."""
     if not isinstance(t, (int, float)):
         return "?"
     return f"{max(0.0, now - t):.1f}s ago"
@@ -130,7 +131,7 @@ def closed_text(closed: Any, now: float) -> str:
     """The ``closed`` record as ``succeeded (reason) by node, 3.0s ago`` (a record of another shape as is)."""
     if not isinstance(closed, dict):
         return str(closed)
-    return f"{closed.get('status')} ({closed.get('reason')}) by {closed.get('by')}, {_ago(closed.get('t'), now)}"
+    return f"{closed.get('status')} ({closed.get('reason')}) by {closed.get('by')}, {ago(closed.get('t'), now)}"
 
 
 def committed_text(s: dict[str, Any]) -> str:

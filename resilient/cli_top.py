@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TextIO
 
 from resilient import env
-from resilient.cli_status import add_job_etcd_args, closed_text, etcd_settings, missing_job_hint, read_status
+from resilient.cli_status import (
+    add_job_etcd_args,
+    ago,
+    closed_text,
+    etcd_settings,
+    missing_job_hint,
+    read_status,
+)
 from resilient.config import EtcdSettings
 from resilient.errors import EtcdError, ResilientError
 from resilient.etcd.api import Get, KVStore
@@ -180,12 +187,6 @@ def _fmt(v: Any, unit: str = "") -> str:
     return "-" if v is None else f"{v}{unit}"
 
 
-def _ago(t: Any, now: float) -> str:
-    if not isinstance(t, (int, float)):
-        return "?"
-    return f"{max(0.0, now - t):.1f}s ago"
-
-
 def _age_s(age: Any) -> str:
     return "-" if not isinstance(age, (int, float)) else f"{age:.1f}s"
 
@@ -211,11 +212,11 @@ def _fault_text(f: dict[str, Any]) -> str:
 def _history_lines(h: dict[str, Any], now: float) -> list[str]:
     lines = []
     for f in h.get("ending") or []:
-        lines.append(f"RECOVERING   generation {f['generation']} ends: {_fault_text(f)}, {_ago(f.get('t'), now)}")
+        lines.append(f"RECOVERING   generation {f['generation']} ends: {_fault_text(f)}, {ago(f.get('t'), now)}")
     c = h.get("change")
     if c is not None:
         text = (
-            f"last change  gen {c['from']} -> {c['to']}, {_ago(c['formed_at'], now)}: world size "
+            f"last change  gen {c['from']} -> {c['to']}, {ago(c['formed_at'], now)}: world size "
             f"{c['world_size_before']} -> {c['world_size_after']}; lost {', '.join(c['lost']) or '-'}; "
             f"joined {', '.join(c['joined']) or '-'}"
         )
@@ -226,7 +227,7 @@ def _history_lines(h: dict[str, Any], now: float) -> list[str]:
         lines.append(text)
     f = h.get("fault")
     if f is not None:
-        text = f"last fault   gen {f['generation']}, {_ago(f.get('t'), now)}: {_fault_text(f)}"
+        text = f"last fault   gen {f['generation']}, {ago(f.get('t'), now)}: {_fault_text(f)}"
         nxt, t = f.get("next_formed_at"), f.get("t")
         if isinstance(nxt, (int, float)) and isinstance(t, (int, float)):
             text += f"; generation {f['generation'] + 1} formed {max(0.0, nxt - t):.2f}s later"
@@ -266,11 +267,11 @@ def render(
     else:
         lines.append(
             f"generation   {snap['generation']}   world size {snap['world_size']}   nodes {len(members)}   "
-            f"formed {_ago(snap['formed_at'], now)}   store {_fmt(snap['master'])}"
+            f"formed {ago(snap['formed_at'], now)}   store {_fmt(snap['master'])}"
         )
     committed = snap["committed"]
     if isinstance(committed, dict):
-        when = _ago(committed.get("committed_at"), now)
+        when = ago(committed.get("committed_at"), now)
         ctext = f"{committed.get('step')} (gen {committed.get('generation')}, {when})"
     else:
         ctext = _fmt(committed)

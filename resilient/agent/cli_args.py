@@ -312,10 +312,6 @@ def _flag_problems(ns: argparse.Namespace, conf: dict[str, str], join_timeout: f
         )
     if ns.term_grace is not None and ns.term_grace <= 0:
         problems.append(f"--term-grace {ns.term_grace:g} s must be > 0")
-    if ns.restart_window <= 0:
-        problems.append(
-            f"--restart-window {ns.restart_window:g} s must be > 0 (restarts are counted over that many seconds)"
-        )
     return problems
 
 

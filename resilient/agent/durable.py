@@ -24,40 +24,17 @@ summary, which checkpoint is on disk and whether the last persist failed.
 
 from __future__ import annotations
 
-import errno as errno_mod
 import threading
-from dataclasses import dataclass
 
 from resilient import events
-from resilient.errors import CheckpointCorruptError, PersistError, ResilientError
+from resilient.errors import PersistError, ResilientError
 from resilient.logs import get_logger
+from resilient.persist.outcome import PersistAttempt, describe_failure, errno_name, newest_attempt
 
 log = get_logger(__name__)
 
 
-def describe_failure(exc: BaseException) -> str:
-    """Short form of why a persist failed, for the exit summary: the errno's name and the OS error when an
-    OS error caused it (``ENOSPC: [Errno 28] No space left on device: '...'``), else the error itself."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno is not None:
-            return f"{errno_mod.errorcode.get(cur.errno, str(cur.errno))}: {cur}"
-        cur = cur.__cause__ or cur.__context__
-    return f"{type(exc).__name__}: {exc}"
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The outcome of one persist: ``error`` None when it committed."""
-
-    step: int
-    final: bool
-    error: str | None = None
-
-
-def summary_text(directory: str, newest_step: int | None, last: Attempt | None, damaged: int = 0) -> str:
+def summary_text(directory: str, newest_step: int | None, last: PersistAttempt | None, damaged: int = 0) -> str:
     """The exit summary's durable line: the newest checkpoint on disk (``damaged``: how many committed ones
     there fail their manifest or size check, said when none is intact), and the last persist if it failed."""
     if newest_step is not None:
@@ -82,7 +59,7 @@ class Durable:
         self._sharded = None
         self._last: int | None = None  # last step handed to the persister
         self._lock = threading.Lock()
-        self._attempt: Attempt | None = None  # newest attempt to finish (by step, then final over background)
+        self._attempt: PersistAttempt | None = None  # newest attempt to finish (by step, then final over background)
         self._told_cadence = False
 
     def _sharded_for(self, snapshots):
@@ -105,17 +82,15 @@ class Durable:
                                                                            dir=self.directory))
         return self._persister
 
-    def _record(self, attempt: Attempt) -> None:
+    def _record(self, attempt: PersistAttempt) -> None:
         with self._lock:
-            last = self._attempt
-            if last is None or (attempt.step, attempt.final) >= (last.step, last.final):
-                self._attempt = attempt
+            self._attempt = newest_attempt(self._attempt, attempt)
 
     def _on_done(self, step: int, future) -> None:
         if future.cancelled():
             return  # superseded by a newer step (the persister logged it)
         exc = future.exception()
-        self._record(Attempt(step, False, describe_failure(exc) if exc is not None else None))
+        self._record(PersistAttempt(step, False, describe_failure(exc) if exc is not None else None))
 
     def _shards(self, snapshots, step: int, ranks: tuple[int, ...]):
         from resilient.store import Segment
@@ -176,43 +151,27 @@ class Durable:
                 return
             if final:
                 self._local().persist(step, generation, world_size, shards)
-                self._record(Attempt(step, True))
+                self._record(PersistAttempt(step, True))
             else:
                 future = self._local().submit(step, generation, world_size, shards)
                 future.add_done_callback(lambda f, s=step: self._on_done(s, f))
                 events.emit("persist.submitted", step=step, dir=self.directory)
             self._last = step
         except (ResilientError, OSError) as exc:
-            code = getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)
-            events.emit("persist.failed", step=step, errno=errno_mod.errorcode.get(code, code) if code else None,
-                        error=str(exc))
+            events.emit("persist.failed", step=step, errno=errno_name(exc), error=str(exc))
             log.warning("persisting step %d failed: %s", step, exc)
-            self._record(Attempt(step, final, describe_failure(exc)))
+            self._record(PersistAttempt(step, final, describe_failure(exc)))
 
     def seed(self, snapshots, ranks: tuple[int, ...], world_size: int) -> int | None:
         """Load the newest complete checkpoint into this node's segments; returns its step (None: nothing
         committed in the persist directory). Newer damaged checkpoints are set aside. ``PersistError`` when
         committed checkpoints exist but none can be used: the job must not start from scratch over them."""
-        from resilient.persist import find_latest
+        from resilient.persist.reader import find_resumable
         from resilient.store import Segment
 
         if self._sharded_for(snapshots) is not None:
             return None  # restored lazily: the ShardManager falls back to the durable tier per rank
-        try:
-            found = find_latest(self.directory, load_states=True, set_aside_damaged=True)
-        except OSError as exc:
-            raise PersistError(
-                f"Cannot read the persist directory {self.directory} ({type(exc).__name__}: {exc}), so the job "
-                f"cannot tell whether it holds a checkpoint to resume from. Fix its permissions or storage, or "
-                f"point --persist-dir at another directory."
-            ) from exc
-        if found.all_damaged:
-            raise CheckpointCorruptError(
-                f"Every committed checkpoint in {found.location} is damaged, so the job cannot resume from it, and "
-                f"it does not start from scratch over committed work. {found.damage_report()} Nothing was changed "
-                f"or deleted. Repair them or move them out of {found.location} (the newest intact one left is then "
-                f"used), or point --persist-dir at a fresh directory to start from scratch."
-            )
+        found = find_resumable(self.directory, "the job", load_states=True, set_aside_damaged=True)
         manifest, states = found.manifest, found.states
         if manifest is None:
             return None
@@ -251,8 +210,7 @@ class Durable:
             damaged = len(committed_dirs(self.directory)) if newest is None else 0
         except (OSError, ResilientError) as exc:
             return f"unknown in {self.directory} (it cannot be listed: {exc})"
-        return summary_text(self.directory, newest.step if newest is not None else None,
-                            Attempt(last.step, last.final, last.error) if last is not None else None, damaged)
+        return summary_text(self.directory, newest.step if newest is not None else None, last, damaged)
 
     def close(self) -> None:
         if self._sharded is not None:

@@ -61,7 +61,9 @@ class AgentSettings:
         if self.max_restarts < 0:
             problems.append(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if not self.restart_window > 0:
-            problems.append(f"--restart-window must be > 0 seconds, got {self.restart_window:g}")
+            problems.append(
+                f"--restart-window {self.restart_window:g} s must be > 0 (restarts are counted over that many seconds)"
+            )
         if self.hang_timeout is not None and self.hang_timeout <= self.timeouts.monitor_interval:
             problems.append(
                 f"--hang-timeout {self.hang_timeout:g}s must exceed --monitor-interval "

@@ -23,7 +23,7 @@ import shutil
 import uuid
 from typing import BinaryIO
 
-from resilient.errors import ConfigError
+from resilient.errors import ConfigError, PersistError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -101,8 +101,11 @@ class Storage(abc.ABC):
 
     def rename(self, path: str, new_path: str) -> None:
         """Move directory ``path`` to ``new_path`` atomically: ``FileNotFoundError`` if ``path`` is gone (someone
-        else moved or removed it), ``FileExistsError`` if ``new_path`` exists. Only when ``atomic_rename``."""
-        raise NotImplementedError(f"{type(self).__name__} has no atomic rename.")
+        else moved or removed it), ``FileExistsError`` if ``new_path`` exists. Storages without an atomic rename
+        (``atomic_rename`` False: object stores, where a "rename" is a copy) refuse with ``PersistError``;
+        callers check ``atomic_rename`` first."""
+        raise PersistError(f"{self.describe(path)} cannot be renamed: {self.location} has no atomic rename "
+                           "(an object store copies instead); move it with the store's own tools.")
 
     def describe(self, path: str = "") -> str:
         """A human-readable full location of ``path`` for messages."""

@@ -18,7 +18,6 @@ to ``on_event``. A failed persist removes what it wrote and leaves earlier check
 from __future__ import annotations
 
 import collections
-import errno as errno_mod
 import os
 import threading
 import time
@@ -33,6 +32,7 @@ from resilient.errors import ConfigError, PersistError
 from resilient.logs import get_logger
 from resilient.persist.fs import Storage, open_storage
 from resilient.persist.manifest import Manifest
+from resilient.persist.outcome import errno_name, os_error_behind
 from resilient.persist.reader import what_stays
 from resilient.persist.retention import apply_retention, clean_leftovers
 from resilient.persist.writer import ShardLike, write_checkpoint
@@ -73,17 +73,6 @@ class _Job:
     world_size: int
     shards: Mapping[int, ShardLike]
     future: Future
-
-
-def _errno_name(exc: BaseException) -> tuple[str | None, int | None]:
-    seen = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno is not None:
-            return errno_mod.errorcode.get(cur.errno, str(cur.errno)), cur.errno
-        cur = cur.__cause__ or cur.__context__
-    return None, None
 
 
 class Persister:
@@ -223,7 +212,8 @@ class Persister:
                 thread_init=self._lower_priority if background else None,
             )
         except Exception as exc:
-            name, code = _errno_name(exc)
+            os_error = os_error_behind(exc)
+            name, code = errno_name(exc), os_error.errno if os_error is not None else None
             self._emit("persist.failed", step=job.step, error=f"{type(exc).__name__}: {exc}", errno=name,
                        errno_code=code)
             log.error("Persisting step %d to %s failed: %s", job.step, self.config.directory, exc)

@@ -207,6 +207,18 @@ class Found:
         """One sentence per skipped checkpoint: which directory and why."""
         return " ".join(f"{s.location}: {s.error}" for s in self.skipped)
 
+    def require_resumable(self, who: str) -> None:
+        """``CheckpointCorruptError`` when every committed checkpoint is damaged (``who``: what cannot resume,
+        e.g. ``the job`` or ``rank 3``): a job never starts from scratch over committed work."""
+        if self.all_damaged:
+            raise CheckpointCorruptError(
+                f"Every committed checkpoint in {self.location} is damaged, so {who} cannot resume from it, and the "
+                f"job does not start from scratch over committed work. {self.damage_report()} Nothing was changed or "
+                f"deleted. "
+                f"Repair them or move them out of {self.location} (the newest intact one left is then used), or "
+                f"point --persist-dir at a fresh directory to start from scratch."
+            )
+
 
 def _report_skip(location: str, step: int, exc: Exception, on_event: Callable[[dict], Any] | None,
                  older: str | None) -> None:
@@ -284,6 +296,18 @@ def committed_dirs(directory: str | Storage) -> list[tuple[int, str]]:
     return out
 
 
+def readable(storage: Storage, step: int, name: str) -> Manifest:
+    """The manifest of checkpoint directory ``name`` (of ``step``), checked to name that step and to list files
+    of the sizes they have (no crc32 pass); ``CheckpointCorruptError`` saying what is wrong otherwise."""
+    manifest = read_manifest(storage, name)
+    if manifest.step != step:
+        raise CheckpointCorruptError(
+            f"Manifest {storage.describe(name)} says step {manifest.step}, its directory says {step}."
+        )
+    check_files(manifest)
+    return manifest
+
+
 def newest_readable(directory: str | Storage, *, storage_options: dict | None = None) -> Manifest | None:
     """The newest checkpoint whose manifest reads and whose files have their recorded sizes (no crc32 pass,
     no logging): what is on disk, for status lines and messages. None when there is none."""
@@ -292,10 +316,7 @@ def newest_readable(directory: str | Storage, *, storage_options: dict | None = 
         if not storage.exists(f"{name}/{MANIFEST_NAME}"):
             continue
         try:
-            manifest = read_manifest(storage, name)
-            if manifest.step == step:
-                check_files(manifest)
-                return manifest
+            return readable(storage, step, name)
         except CheckpointCorruptError:
             continue
     return None
@@ -336,12 +357,7 @@ def find_latest(
         older = storage.describe(committed[i + 1][1]) if i + 1 < len(committed) else None
         states = None
         try:
-            manifest = read_manifest(storage, name)
-            if manifest.step != step:
-                raise CheckpointCorruptError(
-                    f"Manifest {storage.describe(name)} says step {manifest.step}, its directory says {step}."
-                )
-            check_files(manifest)
+            manifest = readable(storage, step, name)
             if load_states:
                 states = load(manifest, rank, verify=verify)
             elif verify:
@@ -355,6 +371,23 @@ def find_latest(
                        for s in skipped]
         return Found(storage.location, manifest, states, skipped)
     return Found(storage.location, None, None, skipped)
+
+
+def find_resumable(directory: str | Storage, who: str, **options: Any) -> Found:
+    """``find_latest`` for a job about to resume (``who``: ``the job``, ``rank 3``, for messages): a directory
+    that cannot be read is a ``PersistError``, and so is one whose every committed checkpoint is damaged
+    (``Found.require_resumable``); an empty one gives ``Found.manifest`` None."""
+    location = directory.location if isinstance(directory, Storage) else directory
+    try:
+        found = find_latest(directory, **options)
+    except OSError as exc:
+        raise PersistError(
+            f"The persist directory {location} cannot be read ({type(exc).__name__}: {exc}), so {who} cannot tell "
+            f"whether it holds a checkpoint to resume from. Fix its permissions or storage, or point --persist-dir "
+            f"at another directory."
+        ) from exc
+    found.require_resumable(who)
+    return found
 
 
 def latest_complete(

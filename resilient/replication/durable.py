@@ -31,7 +31,6 @@ and the first tick after it requests the newest committed step.
 from __future__ import annotations
 
 import collections
-import errno as errno_mod
 import json
 import threading
 import time
@@ -57,7 +56,8 @@ from resilient.persist.manifest import (
     shard_entry_to_dict,
     step_dir_name,
 )
-from resilient.persist.reader import find_latest, load, set_aside, what_stays
+from resilient.persist.outcome import PersistAttempt, errno_name, newest_attempt
+from resilient.persist.reader import find_resumable, load, set_aside, what_stays
 from resilient.persist.retention import apply_retention, clean_leftovers
 from resilient.persist.writer import commit_manifest, resilient_version, write_shard
 from resilient.runtime.api import RestoreSource
@@ -87,27 +87,6 @@ class Request:
             return Request(int(d["step"]), int(d["generation"]), int(d["world_size"]), int(d["fence"]), str(d["by"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise PersistError(f"Malformed persist request {raw[:200]!r}: {exc}.") from exc
-
-
-def errno_of(exc: BaseException) -> str | None:
-    """The errno name of the OS error behind ``exc`` (following causes), e.g. ``ENOSPC``."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno is not None:
-            return errno_mod.errorcode.get(cur.errno, str(cur.errno))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-@dataclass(frozen=True)
-class PersistAttempt:
-    """The outcome of one persist round this agent took part in (``error`` None: committed)."""
-
-    step: int
-    final: bool
-    error: str | None = None
 
 
 def writer_of(holders, members) -> str | None:
@@ -275,7 +254,7 @@ class ShardedPersist:
                     log.warning("persist %s of step %d failed (%s: %s); waiting for the next request", what,
                                 req.step, type(exc).__name__, exc)
                     self._record(req.step, f"{type(exc).__name__}: {exc}")
-                    events.emit("persist.failed", step=req.step, errno=errno_of(exc),
+                    events.emit("persist.failed", step=req.step, errno=errno_name(exc),
                                 error=f"{type(exc).__name__}: {exc}", dir=self.directory)
                 finally:
                     if what == "commit":
@@ -320,7 +299,7 @@ class ShardedPersist:
                 self.storage.makedirs(directory)
                 entry = write_shard(self.storage, directory, rank, shard, failpoints=self._fp)
             except (OSError, ResilientError) as exc:
-                code = errno_of(exc)
+                code = errno_name(exc)
                 events.emit("persist.failed", step=req.step, rank=rank, errno=code, error=f"{type(exc).__name__}: {exc}",
                             dir=self.directory)
                 log.warning("persisting rank %d of step %d failed: %s", rank, req.step, exc)
@@ -389,7 +368,7 @@ class ShardedPersist:
                                 resilient_version=resilient_version(), shards=entries)
             bound = commit_manifest(self.storage, directory, manifest, failpoints=self._fp)
         except (OSError, ResilientError) as exc:
-            self._fail(req, directory, errno_of(exc), f"{type(exc).__name__}: {exc}")
+            self._fail(req, directory, errno_name(exc), f"{type(exc).__name__}: {exc}")
             return
         seconds = time.monotonic() - t0
         latest = json.dumps({"step": req.step, "generation": req.generation, "location": bound.location}).encode()
@@ -409,9 +388,7 @@ class ShardedPersist:
     def _record(self, step: int, error: str | None) -> None:
         attempt = PersistAttempt(step, step == self._final_step, error)
         with self._cv:
-            last = self._attempt
-            if last is None or (attempt.step, attempt.final) >= (last.step, last.final):
-                self._attempt = attempt
+            self._attempt = newest_attempt(self._attempt, attempt)
 
     def last_attempt(self) -> PersistAttempt | None:
         """The newest persist round this agent committed, failed, or failed to write its shards for."""
@@ -455,20 +432,7 @@ class ShardedPersist:
     def restore(self, rank: int, assignment, reason: str) -> RestoreSource | None:
         """Rank ``rank``'s state from the newest complete checkpoint, in a local segment (None: none)."""
         with self._restore_lock:
-            try:
-                found = find_latest(self.storage, verify=False, set_aside_damaged=True)
-            except OSError as exc:
-                raise PersistError(
-                    f"Rank {rank} cannot be restored: the persist directory {self.directory} cannot be read "
-                    f"({type(exc).__name__}: {exc}). Fix its permissions or storage."
-                ) from exc
-            if found.all_damaged:
-                raise CheckpointCorruptError(
-                    f"Rank {rank} cannot be restored: every committed checkpoint in {self.directory} is damaged, "
-                    f"and the job does not start from scratch over committed work. {found.damage_report()} "
-                    f"Nothing was changed or deleted. Repair them or move them out of {self.directory}, or point "
-                    f"--persist-dir at a fresh directory to start from scratch."
-                )
+            found = find_resumable(self.storage, f"rank {rank}", verify=False, set_aside_damaged=True)
             manifest = found.manifest
             if manifest is None:
                 return None
@@ -523,4 +487,4 @@ class ShardedPersist:
             self.m.durable_fallback = None
 
 
-__all__ = ["PersistAttempt", "Request", "ShardedPersist", "errno_of", "writer_of"]
+__all__ = ["Request", "ShardedPersist", "writer_of"]
