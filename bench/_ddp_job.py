@@ -23,6 +23,9 @@ p.add_argument("--batch", type=int, default=16)
 p.add_argument("--steps", type=int, default=60)
 p.add_argument("--sleep", type=float, default=0.0)
 p.add_argument("--save-every", type=int, default=0)
+p.add_argument("--adam", choices=("fused", "foreach", "for-loop"), default="for-loop",
+               help="Adam's implementation (torch.optim.Adam's fused / foreach flags; for-loop is what "
+                    "torch.optim.Adam(params) picks on CPU); the same in both modes")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 
@@ -39,6 +42,11 @@ def make_model(skip_init: bool = False) -> torch.nn.Module:
             linear = torch.nn.Linear(args.hidden, args.hidden)
         layers += [linear, torch.nn.ReLU()]
     return torch.nn.Sequential(*layers)
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[args.adam]
+    return torch.optim.Adam(params, lr=1e-4, **impl)
 
 
 def record(rank: int, step: int, stall: float) -> None:
@@ -66,7 +74,7 @@ def plain() -> None:
     # every rank loads the same checkpoint below: the random initialisation and DDP's initial parameter
     # broadcast are redundant then
     model = torch.nn.parallel.DistributedDataParallel(make_model(skip_init=resuming), init_sync=not resuming)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model.parameters())
     start = 0
     if resuming:
         state = torch.load(ckpt, weights_only=False)
@@ -104,7 +112,7 @@ def elastic() -> None:
         mark(ctx.rank, "model")
         # on a restore every rank loads the same committed state in protect(): skip DDP's initial broadcast
         model = torch.nn.parallel.DistributedDataParallel(model, init_sync=ctx.restored_step is None)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        opt = make_optimizer(model.parameters())
         mark(ctx.rank, "ddp")
         ctx.protect(model=model, optimizer=opt)
         mark(ctx.rank, "protect")

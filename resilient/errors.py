@@ -72,6 +72,11 @@ class StoreSpaceError(StoreError):
     """Not enough room in /dev/shm (or the segment) for a snapshot."""
 
 
+class WriteStoppedError(StoreError):
+    """A snapshot write was stopped part-way because a member of the writer's generation failed (see
+    ``resilient.store.segment.StopWhen``): the slot it wrote is invalid and the earlier snapshots stay."""
+
+
 class ChecksumError(StoreError):
     """Stored bytes do not match their checksum; the message names the tensor and chunk."""
 

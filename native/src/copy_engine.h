@@ -17,9 +17,15 @@ struct Region {
   size_t n;
 };
 
+struct StopWhen {
+  const int64_t* word = nullptr;  // 8-byte aligned; nullptr: never stop
+  int64_t above = 0;
+};
+
 size_t chunk_count(size_t n, size_t chunk);
 
 std::vector<uint32_t> run_regions(const std::vector<Region>& regions, size_t chunk, size_t threads,
-                                  bool copy, bool checksum);
+                                  bool copy, bool checksum, const StopWhen& stop = {},
+                                  bool* stopped = nullptr);
 
 }  // namespace resilient

@@ -118,17 +118,27 @@ PYBIND11_MODULE(_native, m) {
   m.def("crc32c_force_software", &crc32c_force_software, py::arg("on"));
   m.def("default_threads", &default_threads);
 
+  // stop_word / stop_above: see StopWhen (copy_engine.h); returns None when the copy was stopped.
   m.def("copy_checksum_batch",
         [](const std::vector<uint64_t>& dsts, const std::vector<uint64_t>& srcs,
-           const std::vector<uint64_t>& sizes, uint64_t chunk, size_t threads) {
+           const std::vector<uint64_t>& sizes, uint64_t chunk, size_t threads, uint64_t stop_word,
+           int64_t stop_above) -> py::object {
           check_chunk(chunk);
+          if (stop_word & 7) throw py::value_error("stop_word must be 8-byte aligned");
           auto regions = make_regions(dsts, srcs, sizes);
-          py::gil_scoped_release nogil;
-          auto crcs = run_regions(regions, chunk, threads, true, true);
-          fp::hit("native.copy.after_data");
-          return crcs;
+          StopWhen stop{reinterpret_cast<const int64_t*>(stop_word), stop_above};
+          bool stopped = false;
+          std::vector<uint32_t> crcs;
+          {
+            py::gil_scoped_release nogil;
+            crcs = run_regions(regions, chunk, threads, true, true, stop, &stopped);
+            if (!stopped) fp::hit("native.copy.after_data");
+          }
+          if (stopped) return py::none();
+          return py::cast(crcs);
         },
-        py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("chunk"), py::arg("threads") = 0);
+        py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("chunk"), py::arg("threads") = 0,
+        py::arg("stop_word") = 0, py::arg("stop_above") = 0);
   m.def("checksum_batch",
         [](const std::vector<uint64_t>& addrs, const std::vector<uint64_t>& sizes, uint64_t chunk,
            size_t threads) {

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -96,6 +97,34 @@ static void test_copy_engine() {
   auto none = run_regions(regions, chunk, 2, true, false);
   CHECK(none.empty());
   for (size_t i = 0; i < sizes.size(); ++i) CHECK(dsts[i] == srcs[i]);
+}
+
+static void test_copy_engine_stops() {
+  const size_t chunk = 4096;
+  auto src = random_bytes(10 * chunk, 7);
+  std::vector<uint8_t> dst(src.size(), 0);
+  alignas(8) int64_t word = 3;
+  std::vector<Region> regions = {{dst.data(), src.data(), src.size()}};
+  bool stopped = true;
+  auto crcs = run_regions(regions, chunk, 2, true, true, StopWhen{&word, 3}, &stopped);  // not above: all
+  CHECK(!stopped);
+  CHECK(crcs.size() == 10);
+  CHECK(dst == src);
+  std::fill(dst.begin(), dst.end(), 0);
+  word = 4;  // above before the run: no chunk is copied
+  run_regions(regions, chunk, 2, true, true, StopWhen{&word, 3}, &stopped);
+  CHECK(stopped);
+  CHECK(std::all_of(dst.begin(), dst.end(), [](uint8_t b) { return b == 0; }));
+  // raised part-way: on one thread the chunks run in order, and the first region's copy writes the word
+  word = 0;
+  const int64_t raised = 9;
+  std::fill(dst.begin(), dst.end(), 0);
+  std::vector<Region> raising = {{reinterpret_cast<uint8_t*>(&word), reinterpret_cast<const uint8_t*>(&raised), 8},
+                                 {dst.data(), src.data(), src.size()}};
+  run_regions(raising, chunk, 1, true, true, StopWhen{&word, 0}, &stopped);
+  CHECK(stopped);
+  CHECK(word == 9);
+  CHECK(std::all_of(dst.begin(), dst.end(), [](uint8_t b) { return b == 0; }));
 }
 
 static void test_pool_concurrent_callers() {
@@ -205,6 +234,7 @@ int main() {
   test_hw_sw_copy_combine();
   test_cached_zeros_op();
   test_copy_engine();
+  test_copy_engine_stops();
   test_pool_concurrent_callers();
   test_sockets();
   test_cuda_reports_cleanly();

@@ -50,6 +50,7 @@ from resilient.errors import (
     RestartBudgetExceededError,
 )
 from resilient.keys import JobKeys
+from resilient.rendezvous.state import MEMBER_FAILED
 from resilient.runtime.api import WorkerAssignment
 from resilient.runtime.control import ControlBlock
 
@@ -390,7 +391,7 @@ class NodeAgent:
                 if self._round is None or self._round.generation < generation:
                     self._round = _Round(generation, reason, time.monotonic())
             events.emit("rdzv.round", reason=reason, gen=generation)
-            self._announce_pending(generation)
+            self._announce_pending(generation, failed=reason.startswith(MEMBER_FAILED))
             self._wake.set()
 
         return cb
@@ -407,13 +408,16 @@ class NodeAgent:
             return None
         return rnd
 
-    def _announce_pending(self, generation: int) -> None:
+    def _announce_pending(self, generation: int, *, failed: bool) -> None:
         """Tell the workers a new generation is coming: they stop at the next step boundary, and their
         collectives of the old one fail now. Workers not registered yet too: one still starting reads the
         target before it forms its group (a worker spawned for a generation that ended during the hand-off
-        otherwise waited for peers that had left, for the whole group timeout)."""
+        otherwise waited for peers that had left, for the whole group timeout). ``failed``: a member of
+        ``generation`` failed, so none of its snapshots can commit: a snapshot copy in flight stops."""
         for h in list(self.handles.values()):
             if h.alive:
+                if failed:
+                    h.control.mark_failed(generation)
                 h.control.raise_target(generation + 1)
 
     def _on_round(self, rnd: _Round) -> None:
@@ -463,7 +467,7 @@ class NodeAgent:
         t0 = time.monotonic()
         prev = self.assignment.generation if self.assignment else None
         if prev is not None:
-            self._announce_pending(prev)
+            self._announce_pending(prev, failed=reason.startswith(MEMBER_FAILED))
         try:
             a = self.rdzv.join()
         except RendezvousClosedError as exc:
@@ -642,7 +646,7 @@ class NodeAgent:
             # uncounted while it lasts; the next generation is joined once etcd answers again
             log.warning("could not charge the restart for generation %d (%s); recovering anyway, uncharged",
                         gen, exc)
-        self._announce_pending(gen)
+        self._announce_pending(gen, failed=True)
         with self._round_lock:
             if self._round is None:
                 self._round = _Round(gen, f"fault:{self.s.node_id}", detected)

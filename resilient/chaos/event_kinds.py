@@ -26,7 +26,7 @@ KNOWN_EVENT_KINDS: frozenset[str] = frozenset({
     "recover.begin", "recover.done",
     "replica.sent", "replica.skipped",
     "restore.done", "restore.plan",
-    "snapshot.cadence", "snapshot.sealed", "snapshot.skipped", "snapshot.uncommitted",
+    "snapshot.cadence", "snapshot.sealed", "snapshot.skipped", "snapshot.stopped", "snapshot.uncommitted",
     "standby.start",
     "step.done",
     "train.done",

@@ -357,7 +357,8 @@ class Context:
                     change.reason, change.new * cadence.every)
             events.emit("snapshot.cadence", step=self._completed, stride=change.new, every=cadence.every,
                         reason=change.reason)
-        if due and self.snapshot() is not None:
+        # stoppable: a kill that lands while this copy runs must not make the recovery wait for the rest of it
+        if due and self._snapshot(stoppable=True) is not None:
             cadence.took(self._completed)
 
     def snapshot(self) -> int | None:
@@ -366,6 +367,9 @@ class Context:
 
         Never waits for a commit: the copy goes to the slot that does not hold the committed step (see
         ``SnapshotWriter.keep_step``), so the committed copy survives however far replication lags."""
+        return self._snapshot(stoppable=False)
+
+    def _snapshot(self, *, stoppable: bool) -> int | None:
         if not getattr(self._runtime, "keeps_snapshots", True):
             return None
         step = self._completed
@@ -385,7 +389,7 @@ class Context:
                 "seed": self.seed,
             },
         )
-        if self._writer.write(captured, step=step, generation=self.generation) is None:
+        if self._writer.write(captured, step=step, generation=self.generation, stoppable=stoppable) is None:
             return None  # skipped (see ``SnapshotWriter.keep_step``): the final snapshot tries again
         self._last_snapshot = step
         return step

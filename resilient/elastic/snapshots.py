@@ -32,9 +32,9 @@ import torch
 from resilient import events, logs
 from resilient.elastic import dedup
 from resilient.elastic.capture import Captured, load_meta
-from resilient.errors import StateError, StoreError, StoreSpaceError
+from resilient.errors import GenerationChangedError, StateError, StoreError, StoreSpaceError, WriteStoppedError
 from resilient.runtime.api import OverwriteAnswer, RestoreSource, WorkerRuntime
-from resilient.store import PendingWrite, Segment
+from resilient.store import PendingWrite, Segment, StopWhen
 from resilient.store.layout import ALIGN, align
 
 log = logs.get_logger(__name__)
@@ -156,11 +156,16 @@ class SnapshotWriter:
                 beat()
             time.sleep(COMMIT_POLL_S)
 
-    def write(self, captured: Captured, *, step: int, generation: int) -> float | None:
+    def write(self, captured: Captured, *, step: int, generation: int, stoppable: bool = False) -> float | None:
         """Copy ``captured`` into the segment and seal it as ``step``; returns the blocking time in seconds,
         or None when the runtime said to skip this snapshot (``keep_step``). With the copy overlapped (see
         the module docstring) it returns once the copy is queued, and the snapshot is sealed and reported
-        by ``finish``."""
+        by ``finish``.
+
+        ``stoppable``: when a member of the generation fails while the CPU copy runs (the runtime's
+        ``failure_word``), the copy ends part-way and ``GenerationChangedError`` is raised (event
+        ``snapshot.stopped``): that snapshot can never commit, and the recovery (the next process group
+        needs every rank, so the whole job) would otherwise wait for the rest of the copy."""
         self.finish()
         began = time.perf_counter()
         if self.dedup:
@@ -182,14 +187,24 @@ class SnapshotWriter:
             return None
         keep = answer.committed
         overlapped = self._overlap_tensors(captured)
+        stop = self._stop_when() if stoppable else None
         try:
-            pending = self._store(segment, captured, overlapped, step, generation, keep)
-        except StoreSpaceError as exc:
-            log.warning(
-                "snapshot of step %d does not fit segment %s (%s); asking for a bigger one", step, segment.name, exc
-            )
-            segment = self._segment_for(nbytes + nbytes // 4 + (1 << 20))
-            pending = self._store(segment, captured, overlapped, step, generation, keep)
+            try:
+                pending = self._store(segment, captured, overlapped, step, generation, keep, stop)
+            except StoreSpaceError as exc:
+                log.warning(
+                    "snapshot of step %d does not fit segment %s (%s); asking for a bigger one", step, segment.name, exc
+                )
+                segment = self._segment_for(nbytes + nbytes // 4 + (1 << 20))
+                pending = self._store(segment, captured, overlapped, step, generation, keep, stop)
+        except WriteStoppedError as exc:
+            seconds = time.perf_counter() - began
+            log.info("snapshot of step %d stopped after %.3fs: a member of generation %d failed", step, seconds,
+                     generation)
+            events.emit("snapshot.stopped", step=step, gen=generation, seconds=round(seconds, 6))
+            raise GenerationChangedError(
+                f"Generation {generation} is over (a member failed) during the snapshot of step {step}; recovering."
+            ) from exc
         stall = time.perf_counter() - began
         self._layout = layout
         if pending is not None and not pending.sealed:
@@ -200,14 +215,20 @@ class SnapshotWriter:
         events.emit("snapshot.sealed", step=step, stall_s=round(stall, 6), bytes=nbytes)
         return stall
 
+    def _stop_when(self) -> StopWhen | None:
+        word = self._runtime.failure_word()
+        return None if word is None else StopWhen(*word)
+
     @staticmethod
     def _store(segment: Segment, captured: Captured, overlapped: dict[str, torch.Tensor] | None, step: int,
-               generation: int, keep: int | None) -> PendingWrite | None:
+               generation: int, keep: int | None, stop: StopWhen | None = None) -> PendingWrite | None:
         if overlapped is None:
-            segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta, keep_step=keep)
+            segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta, keep_step=keep,
+                          stop=stop)
             segment.seal()
             return None
-        return segment.write_async(overlapped, step=step, generation=generation, meta=captured.meta, keep_step=keep)
+        return segment.write_async(overlapped, step=step, generation=generation, meta=captured.meta, keep_step=keep,
+                                   stop=stop)
 
     def _overlap_tensors(self, captured: Captured) -> dict[str, torch.Tensor] | None:
         """The tensors to write with the copy overlapped (unguarded CUDA tensors cloned), or None: write

@@ -225,6 +225,11 @@ def _node_under(key: str, prefix: str) -> str | None:
     return None
 
 
+# the prefixes of member_trigger's reasons that mean a member of the generation failed or is gone: no
+# snapshot of that generation can commit any more (the agent tells its workers' snapshot copies to stop)
+MEMBER_FAILED = ("fault:", "node-lost:")
+
+
 def member_trigger(keys: JobKeys, assignment: Assignment, max_nodes: int, event: WatchEvent) -> str | None:
     """Why ``event`` (seen after ``assignment`` formed) ends that generation, or None if it does not.
 

@@ -86,6 +86,13 @@ class WorkerRuntime(abc.ABC):
         generation newer than the one this worker runs in (at every later announcement too). By default
         nothing: a runtime without an agent announces generations only where the worker looks for them."""
 
+    def failure_word(self) -> tuple[int, int] | None:
+        """``(address, value)``: an aligned int64, in memory mapped for this runtime's life, that rises above
+        ``value`` as soon as a member of this worker's current generation failed, when no snapshot of that
+        generation can commit any more; a snapshot copy then stops part-way instead of delaying the recovery
+        (``resilient.store.segment.StopWhen``). By default None: copies always run to their end."""
+        return None
+
     @abc.abstractmethod
     def should_stop(self) -> bool:
         """True when the node is being preempted (SIGTERM to the agent): finish the step, snapshot, return."""

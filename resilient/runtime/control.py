@@ -4,7 +4,9 @@ The worker writes progress (beat counter, last step, beat time) at every step bo
 few stores and no syscall; the agent reads it to detect hangs from outside the worker (a SIGSTOPped
 worker or one stuck in C code holding the GIL stops beating). The agent writes the generation it wants
 the worker in (``target_generation``), a stop request (preemption) and the newest committed step; the
-worker polls them at step boundaries.
+worker polls them at step boundaries. When a generation ends because a member failed, the agent also
+writes ``failed_generation``: a snapshot copy of that generation still running reads it between chunks and
+stops (``resilient.store.segment.StopWhen``), since no snapshot of it can commit any more.
 
 Layout: little-endian int64 fields at fixed offsets (``FIELDS``). Each field is written with one aligned
 8-byte store, so a reader never sees a torn value. ``CLOCK_MONOTONIC`` is shared by all processes of one
@@ -37,6 +39,7 @@ FIELDS = (
     "stop_requested",  # 1: finish the step, snapshot, return (agent writes)
     "committed_step",  # newest committed step, -1 none (agent writes)
     "state",  # worker state: see STATES
+    "failed_generation",  # newest generation a member failed in: no snapshot of it commits; -1 none (agent writes)
 )
 _OFFSET = {name: 8 * i for i, name in enumerate(FIELDS)}
 STATES = {0: "starting", 1: "running", 2: "recovering", 3: "done", 4: "failed"}
@@ -68,6 +71,7 @@ class ControlBlock:
         block.set("version", VERSION)
         block.set("last_step", -1)
         block.set("committed_step", -1)
+        block.set("failed_generation", -1)
         block.set("generation", generation)
         block.set("target_generation", generation)
         block.set("beat_mono_ns", time.monotonic_ns())
@@ -103,6 +107,10 @@ class ControlBlock:
     def set_state(self, state: str) -> None:
         self.set("state", STATE_CODE[state])
 
+    def failed_address(self) -> int:
+        """The address of ``failed_generation`` (an aligned int64), valid while the block is open."""
+        return self._address("failed_generation")
+
     def wait_target(self, seen: int, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for ``target_generation`` to differ from ``seen``; its value."""
         futex.wait(self._address("target_generation"), seen, timeout)
@@ -117,6 +125,11 @@ class ControlBlock:
         """Point the worker at ``generation`` and wake its generation watcher."""
         self.set("target_generation", generation)
         futex.wake(self._address("target_generation"))
+
+    def mark_failed(self, generation: int) -> None:
+        """A member of ``generation`` failed: no snapshot of it (or of an older one) can commit any more."""
+        if generation > self.get("failed_generation"):
+            self.set("failed_generation", generation)
 
     def raise_target(self, generation: int) -> None:
         """``set_target`` unless the target is already at ``generation`` or beyond."""

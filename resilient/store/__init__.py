@@ -8,7 +8,7 @@ engine is ``resilient._native`` when built, else the pure-Python twin (``_loader
 from resilient.store._loader import backend, is_native
 from resilient.store.layout import SlotIndex, TensorSpec
 from resilient.store.registry import SegmentInfo, list_segments, reclaim_stale, segment_path
-from resilient.store.segment import PendingWrite, Segment, SlotInfo, Snapshot
+from resilient.store.segment import PendingWrite, Segment, SlotInfo, Snapshot, StopWhen
 
 __all__ = [
     "PendingWrite",
@@ -17,6 +17,7 @@ __all__ = [
     "SlotIndex",
     "SlotInfo",
     "Snapshot",
+    "StopWhen",
     "TensorSpec",
     "backend",
     "is_native",

@@ -173,15 +173,31 @@ def _chunk_crcs(view: np.ndarray, chunk: int) -> list[int]:
     return [_raw(_MASK, view[off : off + chunk]) ^ _MASK for off in range(0, view.shape[0], chunk)]
 
 
-def copy_checksum_batch(dsts, srcs, sizes, chunk: int, threads: int = 0) -> list[int]:
+def copy_checksum_batch(dsts, srcs, sizes, chunk: int, threads: int = 0, stop_word: int = 0,
+                        stop_above: int = 0) -> list[int] | None:
+    """Copy each region and CRC it chunk by chunk; None when stopped: with ``stop_word`` (the address of an
+    aligned int64), the int64 there is read before each chunk and once it exceeds ``stop_above`` the copy
+    ends part-way (the destination then holds a partial copy)."""
     _check_chunk(chunk)
     _check_lengths(dsts, srcs, sizes)
+    if stop_word & 7:
+        raise ValueError("stop_word must be 8-byte aligned")
+    word = ctypes.c_int64.from_address(stop_word) if stop_word else None
     out: list[int] = []
     for dst, src, n in zip(dsts, srcs, sizes):
-        if n:
-            target = _view(dst, n)
-            np.copyto(target, _view(src, n))
+        if not n:
+            continue
+        target, source = _view(dst, n), _view(src, n)
+        if word is None:  # one copy and one vectorized CRC pass per region
+            np.copyto(target, source)
             out.extend(_chunk_crcs(target, chunk))
+            continue
+        for off in range(0, n, chunk):
+            if word.value > stop_above:
+                return None
+            end = min(n, off + chunk)
+            np.copyto(target[off:end], source[off:end])
+            out.extend(_chunk_crcs(target[off:end], chunk))
     failpoints.hit("native.copy.after_data", native=True)
     return out
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from resilient.errors import ChecksumError, StateError, StoreError, StoreSpaceError
+from resilient.errors import ChecksumError, StateError, StoreError, StoreSpaceError, WriteStoppedError
 from resilient.logs import get_logger
 from resilient.store import layout
 from resilient.store._loader import backend
@@ -49,6 +49,20 @@ class SlotInfo:
     generation: int
     nbytes: int
     sealed: bool
+
+
+@dataclass(frozen=True)
+class StopWhen:
+    """Stop a write part-way once the int64 at ``address`` exceeds ``above`` (read before each chunk).
+
+    A worker passes its control block's ``failed_generation`` and its own generation minus one: a snapshot
+    still being copied when a member of its generation failed can never commit, so the copy ends there
+    instead of delaying the recovery; ``write`` then raises ``WriteStoppedError`` and the slot stays
+    invalid, like a writer killed mid-copy. The memory at ``address`` must stay mapped while a write uses
+    it."""
+
+    address: int
+    above: int
 
 
 @dataclass
@@ -350,12 +364,14 @@ class Segment:
         return SlotIndex(tuple(specs), meta_off, len(meta), self.chunk_size, ()), order
 
     def write(self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b"",
-              keep_step: int | None = None) -> None:
+              keep_step: int | None = None, stop: StopWhen | None = None) -> None:
         """Copy tensors + meta into the inactive slot (checksummed); ``seal`` publishes it.
 
         ``keep_step``: a step whose sealed copy must survive this write (the committed step). The write goes
-        to the slot not sealed last, unless that slot holds ``keep_step``: then it replaces the newest one."""
-        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta, keep_step)
+        to the slot not sealed last, unless that slot holds ``keep_step``: then it replaces the newest one.
+        ``stop``: end the copy of CPU tensors part-way when its word rises (see ``StopWhen``); raises
+        ``WriteStoppedError`` then, with nothing to seal."""
+        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta, keep_step, stop)
         if gpu:
             base = self._base + self._header.data_offset_of(slot)
             crcs = self._cuda_path().write(
@@ -367,7 +383,7 @@ class Segment:
 
     def write_async(
         self, tensors: dict[str, torch.Tensor], *, step: int, generation: int, meta: bytes = b"",
-        keep_step: int | None = None,
+        keep_step: int | None = None, stop: StopWhen | None = None,
     ) -> "PendingWrite":
         """Like ``write`` + ``seal``, but CUDA tensors are copied on a side stream while the caller goes on.
 
@@ -381,9 +397,9 @@ class Segment:
         self._check_open()
         gpu_any = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" and t.numel() for t in tensors.values())
         if not gpu_any or not self._cuda_path().can_overlap:
-            self.write(tensors, step=step, generation=generation, meta=meta, keep_step=keep_step)
+            self.write(tensors, step=step, generation=generation, meta=meta, keep_step=keep_step, stop=stop)
             return PendingWrite(self, None, self.seal())
-        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta, keep_step)
+        slot, index, order, per_tensor, gpu, meta_crcs = self._begin_write(tensors, meta, keep_step, stop)
         base = self._base + self._header.data_offset_of(slot)
         ticket = self._cuda_path().write_async(
             [(base + index.tensors[i].offset, order[i]) for i in gpu], self.chunk_size
@@ -426,8 +442,10 @@ class Segment:
                 return latest
         return other
 
-    def _begin_write(self, tensors: dict[str, torch.Tensor], meta: bytes, keep_step: int | None = None):
-        """Plan, invalidate the inactive slot, copy CPU tensors and meta; returns what the CUDA part needs."""
+    def _begin_write(self, tensors: dict[str, torch.Tensor], meta: bytes, keep_step: int | None = None,
+                     stop: StopWhen | None = None):
+        """Plan, invalidate the inactive slot, copy CPU tensors and meta; returns what the CUDA part needs.
+        The CPU copy ends part-way when ``stop``'s word rises (``WriteStoppedError``; the slot stays invalid)."""
         self._check_open()
         self.wait_pending()
         meta = bytes(meta)
@@ -451,7 +469,15 @@ class Segment:
                 [order[i].data_ptr() for i in cpu],
                 [index.tensors[i].nbytes for i in cpu],
                 self.chunk_size,
+                stop_word=stop.address if stop is not None else 0,
+                stop_above=stop.above if stop is not None else 0,
             )
+            if flat is None:
+                raise WriteStoppedError(
+                    f"The write of slot {slot} of segment {self.name!r} was stopped part-way: the int64 at "
+                    f"{stop.address:#x} rose above {stop.above} (a member of the writer's generation failed). The slot "
+                    "is invalid; the earlier snapshots stay."
+                )
             pos = 0
             for i in cpu:
                 k = layout.chunk_count(index.tensors[i].nbytes, self.chunk_size)

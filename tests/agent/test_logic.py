@@ -445,8 +445,11 @@ def test_a_pending_generation_is_announced_to_workers_still_starting(tmp_path):
     try:
         agent.handles = {0: SimpleNamespace(alive=True, registered=False, control=starting),
                          1: SimpleNamespace(alive=True, registered=True, control=running)}
-        agent._announce_pending(3)
+        agent._announce_pending(3, failed=False)  # a node joins: the snapshots of generation 3 may still commit
         assert starting.get("target_generation") == 4 and running.get("target_generation") == 4
+        assert starting.get("failed_generation") == -1 and running.get("failed_generation") == -1
+        agent._announce_pending(3, failed=True)  # a member failed: their snapshot copies stop
+        assert starting.get("failed_generation") == 3 and running.get("failed_generation") == 3
     finally:
         starting.unlink()
         running.unlink()

@@ -78,7 +78,7 @@ def test_overlapped_snapshot_is_sealed_by_poll_hook_or_next_snapshot(local_runti
 
     made = []
 
-    def write_async(self, tensors, *, step, generation, meta=b"", keep_step=None):
+    def write_async(self, tensors, *, step, generation, meta=b"", keep_step=None, stop=None):
         made.append(FakePending(self, tensors, step, generation, meta))
         return made[-1]
 
