@@ -25,7 +25,11 @@ the same older checkpoint), and when every committed checkpoint is damaged the r
 
 Cadence: the committer requests a persist at a monitor tick once the committed step is ``every`` past the
 last requested one; while a round is in flight, due steps are not requested (INFO log, once per round)
-and the first tick after it requests the newest committed step.
+and the first tick after it requests the newest committed step. A request can name a step already
+superseded (the committer's view of the committed step lags; a newer commit drops the older step's shard
+manifests, and with them every agent's way to tell which shards it writes): the agents that find the
+manifests gone say so in the step's results (create-only), and the round ends at once with
+``persist.superseded`` instead of waiting ``wait_s`` for shards nobody writes.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from resilient.errors import (
     ResilientError,
     StoreError,
 )
-from resilient.etcd.api import Put, WatchEvent
+from resilient.etcd.api import Compare, Put, WatchEvent
 from resilient.logs import get_logger
 from resilient.persist.fs import open_storage
 from resilient.persist.manifest import (
@@ -262,12 +266,14 @@ class ShardedPersist:
                             self._inflight = False
 
     # --- writing shards --------------------------------------------------------------------------------------
-    def _mine(self, req: Request) -> list[int]:
+    def _mine(self, req: Request) -> tuple[list[int], list[int]]:
+        """The ranks of ``req.step`` this agent writes, and the ranks whose shard manifest is gone."""
         from resilient.replication.commit import read_manifests
 
         _, members = self._members()
         manifests = read_manifests(self.kv, self.keys, req.generation, req.step)
-        return sorted(r for r, m in manifests.items() if writer_of(m.holders, members) == self.node_id)
+        mine = sorted(r for r, m in manifests.items() if writer_of(m.holders, members) == self.node_id)
+        return mine, [r for r in range(req.world_size) if r not in manifests]
 
     def _capture(self, rank: int, req: Request):
         for seg, _slot in self.m.local.find(rank, req.step, req.generation):
@@ -279,10 +285,20 @@ class ShardedPersist:
 
     def _write(self, req: Request) -> None:
         try:
-            ranks = self._mine(req)
+            ranks, gone = self._mine(req)
         except (EtcdError, ResilientError) as exc:
             log.warning("cannot tell which shards of step %d to persist: %s", req.step, exc)
             return
+        if gone:
+            # the committer's view of the committed step lagged: a newer commit already dropped these ranks'
+            # manifests, so no agent can tell it writes them. Said once per rank (create-only, never over a
+            # shard another agent wrote), the committer ends the round now instead of waiting for them.
+            log.info("step %d was superseded before it could be persisted (ranks %s have no manifest any more); "
+                     "the next due step is persisted", req.step, gone)
+            for rank in gone:
+                self._result(req, rank, {"ok": False, "errno": None, "superseded": True,
+                                         "error": f"step {req.step} was superseded: a newer step was committed "
+                                                  "before its shards were written"}, only_if_absent=True)
         directory = step_dir_name(req.step)
         for rank in ranks:
             if (req.step, rank) in self._written:
@@ -310,10 +326,11 @@ class ShardedPersist:
                         seconds=round(time.monotonic() - t0, 6))
             self._result(req, rank, {"ok": True, "node": self.node_id, "entry": shard_entry_to_dict(entry)})
 
-    def _result(self, req: Request, rank: int, body: dict) -> None:
+    def _result(self, req: Request, rank: int, body: dict, *, only_if_absent: bool = False) -> None:
+        key = self.keys.persist_shard(req.step, rank)
+        compares = [Compare(key, "version", "==", 0)] if only_if_absent else []
         try:
-            self.m.rendezvous.fenced_txn(req.fence, [], [Put(self.keys.persist_shard(req.step, rank),
-                                                             json.dumps(body).encode())])
+            self.m.rendezvous.fenced_txn(req.fence, compares, [Put(key, json.dumps(body).encode())])
         except (FencedError, EtcdError) as exc:
             log.info("result for rank %d of step %d not recorded: %s", rank, req.step, exc)
             return
@@ -356,7 +373,11 @@ class ShardedPersist:
         if problem is None and self._members()[0] != req.fence:
             problem = f"generation {req.fence} is no longer current"
         if problem is not None:
-            code = next((b.get("errno") for b in results.values() if not b.get("ok") and b.get("errno")), None)
+            bad = [b for b in results.values() if not b.get("ok")]
+            if bad and all(b.get("superseded") for b in bad):
+                self._superseded(req, directory)
+                return
+            code = next((b.get("errno") for b in bad if b.get("errno")), None)
             self._fail(req, directory, code, problem)
             return
         try:
@@ -407,6 +428,21 @@ class ShardedPersist:
         self._tidy(req.step)
         # the round is over (its directory removed, the tidy-up done): what the event reports is all visible
         events.emit("persist.failed", step=req.step, errno=code, error=problem, dir=self.directory)
+
+    def _superseded(self, req: Request, directory: str) -> None:
+        """The round ends without a checkpoint and without a failure: its step was superseded before its shards
+        were written (see ``_write``); the next due step is persisted."""
+        by = self.m.committed()
+        log.info("step %d was not persisted: step %s was committed before its shards were written; the next due "
+                 "step is persisted", req.step, by.step if by is not None else "-")
+        try:
+            if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+                self.storage.remove_tree(directory)
+        except OSError as exc:
+            log.warning("could not remove the unfinished checkpoint %s: %s", directory, exc)
+        self._tidy(req.step)
+        events.emit("persist.superseded", step=req.step, by_step=by.step if by is not None else None,
+                    dir=self.directory)
 
     def _tidy(self, step: int) -> None:
         """Drop the results of this and older rounds; retention; leftovers of abandoned rounds."""

@@ -93,6 +93,32 @@ def test_enospc_on_one_writer_fails_cleanly_and_keeps_the_previous_latest(make_c
     assert writer.step == 3 and writer.error.startswith("rank 1: ENOSPC: ")
 
 
+def test_a_request_for_a_step_whose_manifests_are_gone_ends_at_once_as_superseded(make_cluster, persisted, tmp_path,
+                                                                                   event_log):
+    # the committer's view of the committed step lagged (chaos corrupt-replica): a newer commit had already
+    # dropped step 4's shard manifests when the request went out, so no agent can tell it writes them. The
+    # round used to wait wait_s (60 s in the agent) for shards nobody writes, and no step was persisted meanwhile.
+    c = make_cluster(2, replicas=2)
+    c.form(1, [0, 1])
+    ps = persisted(c)
+    commit_step(c, [0, 1], 4)
+    c.kv.delete(c.keys.ckpt_step_prefix(1, 4), prefix=True)
+    ps[0].tick(final=False)
+    wait_until(lambda: any(e["kind"] == "persist.superseded" for e in kinds(event_log)), 90, "the round to end")
+    evs = kinds(event_log)
+    [superseded] = [e for e in evs if e["kind"] == "persist.superseded"]
+    assert (superseded["step"], superseded["by_step"]) == (4, 4)
+    assert not [e for e in evs if e["kind"] in ("persist.failed", "persist.shard", "persist.done")]
+    assert ps[0].last_attempt() is None  # not a failed persist: nothing for the exit summary to report
+    assert latest_complete(str(tmp_path / "ckpt")) is None
+    assert not (tmp_path / "ckpt" / "step-00000004").exists()
+    # the next due step persists as usual
+    commit_step(c, [0, 1], 5)
+    ps[0].tick(final=False)
+    wait_until(lambda: any(e["kind"] == "persist.done" for e in kinds(event_log)), 90, "the next persist")
+    assert latest_complete(str(tmp_path / "ckpt")).step == 5
+
+
 def test_no_surviving_copy_restores_every_rank_from_disk(make_cluster, persisted, tmp_path, event_log):
     c = make_cluster(2, replicas=2)
     c.form(1, [0, 1])
