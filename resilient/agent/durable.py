@@ -2,11 +2,12 @@
 every ``--persist-every`` steps (in the background), on SIGTERM and at job end (synchronously), and seed
 this node's segments from the newest complete checkpoint when a job starts with nothing in memory.
 
-Cadence. The agent looks at the committed step once per monitor tick (``--monitor-interval``, 0.1 s by
-default) and persists it when it is at least ``--persist-every`` steps past the last step it persisted
-(the first committed step it sees is always persisted). Only the newest committed snapshot is held in
-memory, so when steps are faster than the tick the persisted steps are ``N`` or more apart rather than
-exact multiples of ``N`` (said once at INFO). A persist that is due while the previous one is still being
+Cadence (``resilient.persist.cadence``). The agent looks at the committed step once per monitor tick
+(``--monitor-interval``, 0.1 s by default) and persists it once it reaches the next multiple of
+``--persist-every`` after the last step persisted (the first committed step it sees is persisted when
+nothing was yet; a job seeded from disk counts the seeded step as persisted). Only the newest committed
+snapshot is held in memory, so when steps are faster than the tick the step persisted is the first one
+seen past the multiple (said once at INFO). A persist that is due while the previous one is still being
 written waits in a queue of one; a newer due step replaces it there (INFO log, ``persist.superseded``).
 
 Seeding never starts a job from scratch over committed work: a newer damaged checkpoint is set aside
@@ -29,6 +30,7 @@ import threading
 from resilient import events
 from resilient.errors import PersistError, ResilientError
 from resilient.logs import get_logger
+from resilient.persist import cadence
 from resilient.persist.outcome import PersistAttempt, describe_failure, errno_name, newest_attempt
 
 log = get_logger(__name__)
@@ -109,18 +111,13 @@ class Durable:
 
     def _due(self, step: int) -> bool:
         """Whether a background persist of committed ``step`` is due (see the module doc's cadence)."""
-        if self.every <= 0:
+        if not cadence.persist_due(step, self._last, self.every):
             return False
-        if self._last is None:
-            return True
-        due = self._last + self.every
-        if step < due:
-            return False
-        if step > due:
+        if cadence.late(step, self._last, self.every):
             say = log.debug if self._told_cadence else log.info
             say("persisting step %d: step %d was due (--persist-every %d), but the agent sees the committed step "
                 "once per monitor tick and only the newest committed snapshot is in memory, so the steps in between "
-                "are not persisted%s", step, due, self.every,
+                "are not persisted%s", step, cadence.next_due(self._last, self.every), self.every,
                 "" if self._told_cadence else " (said once; later ones at DEBUG)")
             self._told_cadence = True
         return True
@@ -196,6 +193,7 @@ class Durable:
             finally:
                 seg.close()
             snapshots.adopt_sealed(rank, st.step, st.generation, nbytes)
+        self._last = manifest.step  # on disk already: the next background persist is at the next multiple
         log.info("resuming from the durable checkpoint of step %d in %s", manifest.step, self.directory)
         events.emit("restore.plan", rank=None, step=manifest.step, origin="durable")
         return manifest.step

@@ -23,8 +23,8 @@ deleted; any agent may do it: the rename is atomic, a second one finds it gone, 
 its crc32 fails the rank's restore with the cause (the generation restarts, and every rank then restores
 the same older checkpoint), and when every committed checkpoint is damaged the restore fails naming them.
 
-Cadence: the committer requests a persist at a monitor tick once the committed step is ``every`` past the
-last requested one; while a round is in flight, due steps are not requested (INFO log, once per round)
+Cadence (``resilient.persist.cadence``): the committer requests a persist at a monitor tick once the
+committed step reaches the next multiple of ``every`` after the last requested (or persisted) one; while a round is in flight, due steps are not requested (INFO log, once per round)
 and the first tick after it requests the newest committed step. A request can name a step already
 superseded (the committer's view of the committed step lags; a newer commit drops the older step's shard
 manifests, and with them every agent's way to tell which shards it writes): the agents that find the
@@ -52,6 +52,7 @@ from resilient.errors import (
 )
 from resilient.etcd.api import Compare, Put, WatchEvent
 from resilient.logs import get_logger
+from resilient.persist import cadence
 from resilient.persist.fs import open_storage
 from resilient.persist.manifest import (
     MANIFEST_NAME,
@@ -163,7 +164,7 @@ class ShardedPersist:
         if not self.is_committer() or self.every <= 0:
             return
         with self._cv:
-            if self._requested is not None and c.step - self._requested < self.every:
+            if not cadence.persist_due(c.step, self._requested, self.every):
                 return
             if self._inflight:
                 if self._told_inflight != self._requested:

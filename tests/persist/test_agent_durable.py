@@ -161,15 +161,27 @@ def test_a_late_persist_says_once_at_info_which_step_was_due_and_why_the_steps_b
     caplog.set_level(logging.DEBUG, logger="resilient")
     durable = Durable(ckpt_dir, "j", keep=2, every=5)
     try:
-        assert durable._due(1)  # the first committed step seen is always persisted
+        assert durable._due(1)  # nothing persisted yet: the first committed step seen is
         durable._last = 1
-        assert not durable._due(5)
-        assert durable._due(6)  # exactly due: nothing to say
-        assert durable._due(14) and durable._due(15)  # due at 6, seen at 14 and 15: later than due
+        assert not durable._due(4)
+        assert durable._due(5)  # exactly at the multiple: nothing to say
+        assert durable._due(8) and durable._due(9)  # due at 5, seen at 8 and 9: later than due
     finally:
         durable.close()
         logger.removeHandler(caplog.handler)
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "was due" in r.getMessage()]
     assert [level for level, _ in said] == [logging.INFO, logging.DEBUG]
-    assert "persisting step 14: step 6 was due (--persist-every 5)" in said[0][1]
+    assert "persisting step 8: step 5 was due (--persist-every 5)" in said[0][1]
     assert "once per monitor tick" in said[0][1]
+
+
+def test_a_job_seeded_from_disk_persists_next_at_the_next_multiple_not_at_once(ckpt_dir, snapshots):
+    _write(ckpt_dir, 10)
+    durable = Durable(ckpt_dir, "j", keep=2, every=5)
+    try:
+        assert durable.seed(snapshots, (0, 1), 2) == 10
+        # step 10 is on disk: the first committed steps after the resume are not persisted again at once
+        assert not durable._due(11) and not durable._due(14)
+        assert durable._due(15)
+    finally:
+        durable.close()
