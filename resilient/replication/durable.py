@@ -24,8 +24,9 @@ its crc32 fails the rank's restore with the cause (the generation restarts, and 
 the same older checkpoint), and when every committed checkpoint is damaged the restore fails naming them.
 
 Cadence (``resilient.persist.cadence``): the committer requests a persist at a monitor tick once the
-committed step reaches the next multiple of ``every`` after the last requested (or persisted) one; while a round is in flight, due steps are not requested (INFO log, once per round)
-and the first tick after it requests the newest committed step. A request can name a step already
+committed step reaches the next multiple of ``every`` after the last requested (or persisted) one; while a
+round is in flight, due steps are not requested (INFO log, once per round) and the first tick after it
+requests the newest committed step. A request can name a step already
 superseded (the committer's view of the committed step lags; a newer commit drops the older step's shard
 manifests, and with them every agent's way to tell which shards it writes): the agents that find the
 manifests gone say so in the step's results (create-only), and the round ends at once with
@@ -421,12 +422,7 @@ class ShardedPersist:
         log.warning("persisting step %d failed (%s); %s", req.step, problem,
                     what_stays(self.storage, self.directory))
         self._record(req.step, f"{code}: {problem}" if code else problem)
-        try:
-            if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
-                self.storage.remove_tree(directory)
-        except OSError as exc:
-            log.warning("could not remove the unfinished checkpoint %s: %s", directory, exc)
-        self._tidy(req.step)
+        self._end_unfinished(req, directory)
         # the round is over (its directory removed, the tidy-up done): what the event reports is all visible
         events.emit("persist.failed", step=req.step, errno=code, error=problem, dir=self.directory)
 
@@ -436,14 +432,18 @@ class ShardedPersist:
         by = self.m.committed()
         log.info("step %d was not persisted: step %s was committed before its shards were written; the next due "
                  "step is persisted", req.step, by.step if by is not None else "-")
+        self._end_unfinished(req, directory)
+        events.emit("persist.superseded", step=req.step, by_step=by.step if by is not None else None,
+                    dir=self.directory)
+
+    def _end_unfinished(self, req: Request, directory: str) -> None:
+        """A round that wrote no manifest: remove what it wrote, then the tidy-up."""
         try:
             if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
                 self.storage.remove_tree(directory)
         except OSError as exc:
             log.warning("could not remove the unfinished checkpoint %s: %s", directory, exc)
         self._tidy(req.step)
-        events.emit("persist.superseded", step=req.step, by_step=by.step if by is not None else None,
-                    dir=self.directory)
 
     def _tidy(self, step: int) -> None:
         """Drop the results of this and older rounds; retention; leftovers of abandoned rounds."""
