@@ -432,6 +432,13 @@ class NodeAgent:
         self._job_closed(status, reason)
         if status == "failed":
             raise _Exit(EXIT_FAILED, f"failed: the job was closed as failed by another node ({reason})")
+        # a worker that never reached its step loop joined a generation as the job ended (this node rejoined
+        # just then): its peers are gone, so it would wait in its process group's set-up for ever
+        late = [h for h in self.handles.values() if h.alive and h.control.get("beats") == 0]
+        if status == "succeeded" and late:
+            log.info("the job finished before rank(s) %s of this node took part in it; stopping them",
+                     sorted(h.rank for h in late))
+            self.supervisor.stop(late, self.s.timeouts.term_grace)
         log.info("the job was closed as %s; waiting for this node's workers to finish", status)
 
     def _job_closed(self, status: str, reason: str) -> None:

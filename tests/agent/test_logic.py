@@ -349,7 +349,9 @@ def _closed_agent(status: str | None, handles: dict, finished: set):
     agent.kv, agent.keys, agent.hub, agent._closed = FakeKV(), JobKeys("j"), WorkerHub(), None
     if status is not None:
         agent.kv.put(agent.keys.closed, json.dumps({"status": status, "reason": "node a finished"}).encode())
-    agent.handles = {slot: SimpleNamespace(alive=alive) for slot, alive in handles.items()}
+    # every worker reached its step loop (its control block counts beats), unless a test says otherwise
+    agent.handles = {slot: SimpleNamespace(alive=alive, rank=slot, control=SimpleNamespace(get=lambda name: 1))
+                     for slot, alive in handles.items()}
     agent.finished = finished
     return agent
 
@@ -376,6 +378,32 @@ def test_a_job_closed_while_a_worker_of_this_node_runs_waits_for_it():
     agent.finished.add(0)
     agent._succeeded = lambda: (0, "succeeded")  # its exits (persist, leave) are not what this test is about
     assert agent._ended() == (0, "succeeded"), "all finished: the loop's success path, not the close"
+
+
+def test_a_worker_that_never_reached_its_step_loop_is_stopped_when_the_job_finishes():
+    # chaos kill-at-repl-commit-after-txn: the restarted node rejoined as the other node's workers finished
+    # the last step; its fresh worker, in the generation formed for the join, waited for peers that were gone,
+    # and the agent waited for that worker until the harness's deadline
+    from types import SimpleNamespace
+
+    agent = _closed_agent("succeeded", {0: True, 1: True}, set())
+    agent.handles[1].control = SimpleNamespace(get=lambda name: 0)  # no beat yet: never reached its loop
+    agent.s = SimpleNamespace(timeouts=SimpleNamespace(term_grace=5.0))
+    stopped = []
+
+    def stop(handles, grace):
+        stopped.append(([h.rank for h in handles], grace))
+        for h in handles:
+            h.alive, h.stopping = False, True
+
+    agent.supervisor = SimpleNamespace(stop=stop)
+    agent._on_closed()
+    assert stopped == [([1], 5.0)]
+    assert agent._ended() is None, "the worker that took part finishes its last step first"
+    agent.handles[0].alive = False
+    agent.finished.add(0)
+    code, outcome = agent._ended()
+    assert code == 0 and outcome.startswith("job closed (succeeded")
 
 
 def test_a_worker_failing_after_the_close_ends_the_agent_once_none_runs():
