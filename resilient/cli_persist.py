@@ -28,7 +28,7 @@ import torch
 from resilient.errors import CheckpointCorruptError, PersistError, ResilientError
 from resilient.persist import reader
 from resilient.persist.fs import has_scheme, open_storage
-from resilient.persist.manifest import Manifest
+from resilient.persist.manifest import MANIFEST_NAME, Manifest
 
 
 def _human(n: int) -> str:
@@ -62,11 +62,10 @@ def _inspect_one(manifest: Manifest, args, out) -> bool:
     if args.no_verify:
         print("  not verified (--no-verify)", file=out)
         return True
-    try:
-        reader.verify(manifest, deep=True)
-    except PersistError as exc:
-        print(f"  CORRUPT: {exc}", file=out)
-        print(f"error: checkpoint step {manifest.step} at {manifest.location} is corrupt: {exc}", file=sys.stderr)
+    error = _check_verifies(manifest, args)
+    if error is not None:
+        print(f"  CORRUPT: {error}", file=out)
+        print(f"error: checkpoint step {manifest.step} at {manifest.location} is corrupt: {error}", file=sys.stderr)
         return False
     print("  verified: every tensor's and every file's crc32 match", file=out)
     return True
@@ -83,11 +82,27 @@ def _check_verifies(manifest: Manifest, args) -> str | None:
     return None
 
 
+def _local_path(path: str) -> str | None:
+    """``path`` on this machine's file system (a ``file://`` URL without its scheme); None for a remote URL."""
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if has_scheme(path) else path
+
+
+def _listed_manifest(storage, directory: str) -> tuple[Manifest | None, PersistError | None, bool]:
+    """A listed checkpoint directory's manifest: ``(manifest, None, False)``, or ``(None, error, partial)`` when it
+    does not read (``partial``: there is no manifest, a persist that never committed; else it is damaged)."""
+    try:
+        return reader.read_manifest(storage, directory), None, False
+    except PersistError as exc:
+        return None, exc, not storage.exists(f"{directory}/{MANIFEST_NAME}")
+
+
 def _missing(path: str) -> str | None:
     """Why a local ``path`` cannot be read as a persist directory or checkpoint (None: it can, or a URL)."""
-    if has_scheme(path) and not path.startswith("file://"):
+    local = _local_path(path)
+    if local is None:
         return None
-    local = path[len("file://"):] if path.startswith("file://") else path
     if not os.path.exists(local):
         return (f"{path} does not exist; give a persist directory (--persist-dir) or one checkpoint in it "
                 f"(…/step-NNNNNNNN).")
@@ -102,10 +117,8 @@ def _inspect_dir_json(storage, args, out) -> int:
         entry = {"step": step, "directory": directory, "location": storage.describe(directory), "status": None,
                  "error": None, "manifest": None}
         entries.append(entry)
-        try:
-            manifest = reader.read_manifest(storage, directory)
-        except PersistError as exc:
-            partial = not storage.exists(f"{directory}/manifest.json")
+        manifest, exc, partial = _listed_manifest(storage, directory)
+        if manifest is None:
             entry.update(status="partial" if partial else "corrupt", error=str(exc))
             ok = ok and partial
             continue
@@ -161,10 +174,8 @@ def inspect_main(argv: list[str] | None = None, *, out=None) -> int:
             return 1
         ok = True
         for step, directory in checkpoints:
-            try:
-                manifest = reader.read_manifest(storage, directory)
-            except PersistError as exc:
-                partial = not storage.exists(f"{directory}/manifest.json")
+            manifest, exc, partial = _listed_manifest(storage, directory)
+            if manifest is None:
                 print(f"{'partial' if partial else 'CORRUPT'}: {storage.describe(directory)}: {exc}", file=out)
                 if not partial:
                     print(f"error: checkpoint step {step} is corrupt: {exc}", file=sys.stderr)
@@ -204,8 +215,8 @@ def _check_out(path: str, out_path: str, *, force: bool) -> None:
     if os.path.isdir(out_path):
         raise _Refused(f"The output {out_path} is a directory; give a file path (e.g. "
                        f"{out_path.rstrip('/')}/model.pt).")
-    if not has_scheme(path) or path.startswith("file://"):
-        local = path[len("file://"):] if path.startswith("file://") else path
+    local = _local_path(path)
+    if local is not None:
         split = reader.split_checkpoint_path(local)
         tree = os.path.realpath(split[0] if split else local)  # the persist directory, also for one checkpoint
         target = os.path.realpath(out_path)
@@ -220,38 +231,32 @@ def _check_out(path: str, out_path: str, *, force: bool) -> None:
                        f"another path.")
 
 
-def _latest_for_export(path: str, out_path: str) -> Manifest:
+def _latest_for_export(path: str, out_path: str) -> tuple[Manifest, list[tuple[int, str]]]:
     """The newest committed checkpoint under the persist directory ``path``, if its manifest and file sizes
-    check; a damaged newest one is refused (never a silent fallback to an older one)."""
+    check (a damaged newest one is refused: never a silent fallback to an older one), and the committed
+    checkpoints, newest first."""
     storage = open_storage(path)
     committed = reader.committed_dirs(storage)
     if not committed:
         raise PersistError(f"No complete checkpoint under {storage.location}; nothing to export.")
     try:
-        manifest = reader.readable(storage, *committed[0])
+        return reader.readable(storage, *committed[0]), committed
     except CheckpointCorruptError as exc:
-        raise _NewestDamaged(storage, committed, exc, out_path) from exc
-    return manifest
+        raise _newest_damaged(storage, committed, exc, out_path) from exc
 
 
-class _NewestDamaged(PersistError):
-    def __init__(self, storage, committed, exc: Exception, out_path: str) -> None:
-        step, name = committed[0]
-        older = None
-        for other in committed[1:]:
-            try:
-                older = reader.readable(storage, *other)
-            except (CheckpointCorruptError, OSError):
-                continue
-            break
-        hint = (f"The newest older one whose manifest reads is step {older.step}: export it by naming it, "
-                f"`resilient export {older.location} {out_path}`." if older is not None
-                else "No older checkpoint there has a readable manifest either.")
-        super().__init__(
-            f"The newest checkpoint under {storage.location}, step {step} ({storage.describe(name)}), is damaged: "
-            f"{exc} Nothing was exported: export of a persist directory means its newest checkpoint and does not "
-            f"fall back to an older one by itself. {hint}"
-        )
+def _newest_damaged(storage, committed: list[tuple[int, str]], exc: Exception, out_path: str) -> PersistError:
+    """The refusal to export a persist directory whose newest checkpoint is damaged, naming an older one."""
+    step, name = committed[0]
+    older = reader.first_readable(storage, committed[1:], skip_unreadable=True)
+    hint = (f"The newest older one whose manifest reads is step {older.step}: export it by naming it, "
+            f"`resilient export {older.location} {out_path}`." if older is not None
+            else "No older checkpoint there has a readable manifest either.")
+    return PersistError(
+        f"The newest checkpoint under {storage.location}, step {step} ({storage.describe(name)}), is damaged: "
+        f"{exc} Nothing was exported: export of a persist directory means its newest checkpoint and does not "
+        f"fall back to an older one by itself. {hint}"
+    )
 
 
 def export_main(argv: list[str] | None = None, *, out=None) -> int:
@@ -274,19 +279,20 @@ def export_main(argv: list[str] | None = None, *, out=None) -> int:
         if missing is not None:
             raise PersistError(missing)
         _check_out(args.path, args.out, force=args.force)
+        committed = None  # the persist directory's checkpoints, when ``path`` is one
         if reader.is_checkpoint_path(args.path):
             manifest = reader.open_checkpoint(args.path)
         else:
-            manifest = _latest_for_export(args.path, args.out)
+            manifest, committed = _latest_for_export(args.path, args.out)
         if args.rank not in {s.rank for s in manifest.shards}:
             raise PersistError(f"Checkpoint step {manifest.step} has ranks 0..{manifest.world_size - 1}; "
                                f"--rank {args.rank} is not one of them.")
         try:
             state = reader.load(manifest, args.rank, verify=not args.no_verify)[args.rank]
         except CheckpointCorruptError as exc:
-            if reader.is_checkpoint_path(args.path):
+            if committed is None:
                 raise
-            raise _NewestDamaged(manifest.storage, reader.committed_dirs(manifest.storage), exc, args.out) from exc
+            raise _newest_damaged(manifest.storage, committed, exc, args.out) from exc
         tensors = _select(state.tensors, args.only)
         _write_atomically(args.out, tensors, fmt, manifest)
     except _Refused as exc:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 from resilient import env
 from resilient.cli_status import (
+    _fmt,
     add_job_etcd_args,
     ago,
     closed_text,
@@ -181,10 +182,6 @@ class Rates:
             if prev is None or t > prev[1] or step < prev[0]:
                 self.last[node] = (float(step), t)
         return dict(self.rate)
-
-
-def _fmt(v: Any, unit: str = "") -> str:
-    return "-" if v is None else f"{v}{unit}"
 
 
 def _age_s(age: Any) -> str:

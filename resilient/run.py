@@ -44,10 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         try:
             agent.start()
-        except ConfigError as exc:
+            return agent.run()
+        except ConfigError as exc:  # a missing fsspec backend at start; a closed job's id once it tried to join
             print(f"resilient-run: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        return agent.run()
     finally:
         agent.close()
 

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -309,7 +308,7 @@ class NodeAgent:
     def run(self) -> int:
         outcome = "failed"
         code = EXIT_FAILED
-        refusal = ""
+        refused: ConfigError | None = None
         try:
             self._install_signals()
             self._form_generation("start", detected_at=None)
@@ -325,13 +324,12 @@ class NodeAgent:
             code, outcome = EXIT_FAILED, f"failed: {exc}"
             self._close_job("failed", str(exc))
         except ConfigError as exc:  # refused after start-up: the job id is a closed job's
-            code, outcome, refusal = EXIT_USAGE, f"refused: {exc}", str(exc)
+            code, outcome, refused = EXIT_USAGE, f"refused: {exc}", exc
         finally:
             self._stop_all(self.s.timeouts.term_grace)
         events.emit("agent.exit", code=code, reason=outcome)
-        if code == EXIT_USAGE:  # like every refusal of resilient-run: one message, no summary
-            print(f"resilient-run: error: {refusal}", file=sys.stderr, flush=True)
-            return code
+        if refused is not None:
+            raise refused  # resilient-run says it like every refusal: one message, no summary (run.py)
         print(summary.render(job=self.s.job_id, node=self.s.node_id, exit_code=code, outcome=outcome,
                              first=self.first_failure, restarts=self.restarts,
                              generation=self.assignment.generation if self.assignment else None,
@@ -432,13 +430,14 @@ class NodeAgent:
         self._job_closed(status, reason)
         if status == "failed":
             raise _Exit(EXIT_FAILED, f"failed: the job was closed as failed by another node ({reason})")
-        # a worker that never reached its step loop joined a generation as the job ended (this node rejoined
-        # just then): its peers are gone, so it would wait in its process group's set-up for ever
-        late = [h for h in self.handles.values() if h.alive and h.control.get("beats") == 0]
-        if status == "succeeded" and late:
-            log.info("the job finished before rank(s) %s of this node took part in it; stopping them",
-                     sorted(h.rank for h in late))
-            self.supervisor.stop(late, self.s.timeouts.term_grace)
+        if status == "succeeded":
+            # a worker that never reached its step loop joined a generation as the job ended (this node
+            # rejoined just then): its peers are gone, so it would wait in its process group's set-up for ever
+            late = [h for h in self.handles.values() if h.alive and h.control.get("beats") == 0]
+            if late:
+                log.info("the job finished before rank(s) %s of this node took part in it; stopping them",
+                         sorted(h.rank for h in late))
+                self.supervisor.stop(late, self.s.timeouts.term_grace)
         log.info("the job was closed as %s; waiting for this node's workers to finish", status)
 
     def _job_closed(self, status: str, reason: str) -> None:

@@ -114,8 +114,11 @@ UNSUPPORTED_TORCHRUN_FLAGS: dict[tuple[str, ...], tuple[bool, str]] = {
 
 # --rdzv-backend values accepted (torchrun's dynamic backends): resilient uses its own etcd rendezvous for all
 ACCEPTED_RDZV_BACKENDS = ("c10d", "etcd", "etcd-v2")
-# --rdzv-conf keys resilient reads; torchrun's others are ignored with a warning
-RDZV_CONF_KEYS = ("join_timeout", "last_call_timeout", "last_call")
+# --rdzv-conf keys resilient reads, by their torchrun names (the ones the ignored-keys warning names)
+RDZV_CONF_TORCHRUN_KEYS = ("join_timeout", "last_call_timeout")
+# every --rdzv-conf key resilient reads: the torchrun names plus "last_call", resilient's alias of
+# last_call_timeout; torchrun's other keys are ignored with a warning
+RDZV_CONF_KEYS = RDZV_CONF_TORCHRUN_KEYS + ("last_call",)
 
 
 class _Unsupported(argparse.Action):
@@ -320,8 +323,11 @@ def _given(name: str, seconds: float) -> str:
     return f"{name}={seconds:g}" if name.startswith("--rdzv-conf") else f"{name} {seconds:g} s"
 
 
-def ignored_flags(ns: argparse.Namespace) -> list[str]:
-    """torchrun flags given on this command line that resilient-run accepts but does not use, each with why."""
+def ignored_flags(ns: argparse.Namespace, conf: dict[str, str]) -> list[str]:
+    """torchrun flags given on this command line that resilient-run accepts but does not use, each with why.
+
+    ``conf`` is ``ns.rdzv_conf`` as ``_parse_rdzv_conf`` parsed it.
+    """
     notes = []
     static = [f"{flag} {value}" for flag, value in (("--node-rank", ns.node_rank), ("--master-addr", ns.master_addr),
                                                     ("--master-port", ns.master_port)) if value is not None]
@@ -336,17 +342,17 @@ def ignored_flags(ns: argparse.Namespace) -> list[str]:
             f"--start-method {ns.start_method} (workers are forked from a warm zygote when safe, else spawned; "
             "--no-zygote always spawns)"
         )
-    unknown = [k for k in _parse_rdzv_conf(ns.rdzv_conf) if k not in RDZV_CONF_KEYS]
+    unknown = [k for k in conf if k not in RDZV_CONF_KEYS]
     if unknown:
         notes.append(
-            f"--rdzv-conf {', '.join(unknown)} (only {', '.join(RDZV_CONF_KEYS[:2])} are read; "
+            f"--rdzv-conf {', '.join(unknown)} (only {', '.join(RDZV_CONF_TORCHRUN_KEYS)} are read; "
             "see --join-timeout and --last-call)"
         )
     return notes
 
 
-def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
-    conf = _parse_rdzv_conf(ns.rdzv_conf)
+def settings_from_args(ns: argparse.Namespace, conf: dict[str, str]) -> AgentSettings:
+    """``AgentSettings`` from parsed flags; ``conf`` is ``ns.rdzv_conf`` as ``_parse_rdzv_conf`` parsed it."""
     join_timeout = ns.join_timeout if ns.join_timeout is not None else _float_conf(conf, "join_timeout")
     last_call = ns.last_call if ns.last_call is not None else _float_conf(conf, "last_call_timeout", "last_call")
     problems = _flag_problems(ns, conf, join_timeout, last_call)
@@ -439,11 +445,12 @@ def parse(argv: Sequence[str] | None = None) -> AgentSettings:
     """Parse and validate; ``SystemExit(2)`` for usage errors, ``ConfigError`` for inconsistent values."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    settings = settings_from_args(ns)
+    conf = _parse_rdzv_conf(ns.rdzv_conf)
+    settings = settings_from_args(ns, conf)
     if ns.rdzv_backend is not None:
         log.info("--rdzv-backend %s: resilient-run always uses its own etcd v3 rendezvous (%s)", ns.rdzv_backend,
                  "the embedded etcd of --standalone" if settings.standalone else "the etcd at --rdzv-endpoint")
-    notes = ignored_flags(ns)
+    notes = ignored_flags(ns, conf)
     if notes:
         log.warning("resilient-run ignores these torchrun flags: %s.", "; ".join(notes))
     return settings

@@ -113,11 +113,12 @@ class Durable:
         """Whether a background persist of committed ``step`` is due (see the module doc's cadence)."""
         if not cadence.persist_due(step, self._last, self.every):
             return False
-        if cadence.late(step, self._last, self.every):
+        late = cadence.late(step, self._last, self.every)
+        if late:
             say = log.debug if self._told_cadence else log.info
             say("persisting step %d: step %d was due (--persist-every %d), but the agent sees the committed step "
                 "once per monitor tick and only the newest committed snapshot is in memory, so the steps in between "
-                "are not persisted%s", step, cadence.next_due(self._last, self.every), self.every,
+                "are not persisted%s", step, step - late, self.every,
                 "" if self._told_cadence else " (said once; later ones at DEBUG)")
             self._told_cadence = True
         return True
@@ -136,7 +137,7 @@ class Durable:
                 done = self._attempt is not None and self._attempt.step == step and self._attempt.error is None
             if done:
                 return
-        elif step == self._last or not self._due(step):
+        elif not self._due(step):  # never the step persisted last: the next one is due at a later multiple
             return
         if len(ranks) != world_size:
             if final:
@@ -200,12 +201,15 @@ class Durable:
 
     def summary_line(self) -> str:
         """For the exit summary: the newest checkpoint on disk and, if the last persist failed, why."""
-        from resilient.persist.reader import committed_dirs, newest_readable
+        from resilient.persist import open_storage
+        from resilient.persist.reader import committed_dirs, first_readable
 
         last = self._sharded.last_attempt() if self._sharded is not None else self._attempt
         try:
-            newest = newest_readable(self.directory)
-            damaged = len(committed_dirs(self.directory)) if newest is None else 0
+            storage = open_storage(self.directory)
+            committed = committed_dirs(storage, quiet=True)
+            newest = first_readable(storage, committed)
+            damaged = len(committed) if newest is None else 0  # none reads: every committed one is damaged
         except (OSError, ResilientError) as exc:
             return f"unknown in {self.directory} (it cannot be listed: {exc})"
         return summary_text(self.directory, newest.step if newest is not None else None, last, damaged)

@@ -163,25 +163,39 @@ def elastic(
 
         @functools.wraps(train)
         def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                config = ElasticConfig(
-                    snapshot_every=env.get_int(env.SNAPSHOT_EVERY, 1) if snapshot_every is None else snapshot_every,
-                    backend=backend or env.get(env.BACKEND),
-                    device=device,
-                    seed=seed,
-                    pg_timeout_s=pg_timeout_s,
-                    generation_timeout_s=generation_timeout_s,
-                    commit_wait_s=commit_wait_s,
-                    dedup=env.get_bool(env.DEDUP) if dedup is None else dedup,
-                )
-            except ConfigError as exc:  # the arguments were checked at decoration: a value from the environment
-                variable = env.SNAPSHOT_EVERY if str(exc).startswith("snapshot_every") else env.BACKEND
-                raise ConfigError(f"{exc} The value came from ${variable}: fix or unset it.") from exc
+            # the arguments were checked at decoration; what the environment fills in is checked here, by name
+            every = snapshot_every
+            if every is None:
+                every = env.get_int(env.SNAPSHOT_EVERY, 1)
+                _check_from_env(env.SNAPSHOT_EVERY, lambda: ElasticConfig(snapshot_every=every))
+            chosen = backend
+            if chosen is None:
+                chosen = env.get(env.BACKEND)
+                if chosen is not None:
+                    _check_from_env(env.BACKEND, lambda: ElasticConfig(backend=chosen))
+            config = ElasticConfig(
+                snapshot_every=every,
+                backend=chosen,
+                device=device,
+                seed=seed,
+                pg_timeout_s=pg_timeout_s,
+                generation_timeout_s=generation_timeout_s,
+                commit_wait_s=commit_wait_s,
+                dedup=env.get_bool(env.DEDUP) if dedup is None else dedup,
+            )
             return Driver(train, config, runtime).run(args, kwargs)
 
         return run
 
     return wrap(fn) if fn is not None else wrap
+
+
+def _check_from_env(variable: str, build: Callable[[], ElasticConfig]) -> None:
+    """``build`` a config holding the value of ``variable`` alone; its ``ConfigError`` names the variable."""
+    try:
+        build()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} The value came from ${variable}: fix or unset it.") from exc
 
 
 def _device_for(config: ElasticConfig, assignment: WorkerAssignment) -> torch.device:

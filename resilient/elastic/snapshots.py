@@ -162,8 +162,8 @@ class SnapshotWriter:
         the module docstring) it returns once the copy is queued, and the snapshot is sealed and reported
         by ``finish``.
 
-        ``stoppable``: when a member of the generation fails while the CPU copy runs (the runtime's
-        ``failure_word``), the copy ends part-way and ``GenerationChangedError`` is raised (event
+        ``stoppable``: when a member of ``generation`` fails while the CPU copy runs (the runtime's
+        ``failure_address``), the copy ends part-way and ``GenerationChangedError`` is raised (event
         ``snapshot.stopped``): that snapshot can never commit, and the recovery (the next process group
         needs every rank, so the whole job) would otherwise wait for the rest of the copy."""
         self.finish()
@@ -187,7 +187,7 @@ class SnapshotWriter:
             return None
         keep = answer.committed
         overlapped = self._overlap_tensors(captured)
-        stop = self._stop_when() if stoppable else None
+        stop = self._stop_when(generation) if stoppable else None
         try:
             try:
                 pending = self._store(segment, captured, overlapped, step, generation, keep, stop)
@@ -215,13 +215,13 @@ class SnapshotWriter:
         events.emit("snapshot.sealed", step=step, stall_s=round(stall, 6), bytes=nbytes)
         return stall
 
-    def _stop_when(self) -> StopWhen | None:
-        word = self._runtime.failure_word()
-        return None if word is None else StopWhen(*word)
+    def _stop_when(self, generation: int) -> StopWhen | None:
+        address = self._runtime.failure_address()
+        return None if address is None else StopWhen(address, above=generation - 1)
 
     @staticmethod
     def _store(segment: Segment, captured: Captured, overlapped: dict[str, torch.Tensor] | None, step: int,
-               generation: int, keep: int | None, stop: StopWhen | None = None) -> PendingWrite | None:
+               generation: int, keep: int | None, stop: StopWhen | None) -> PendingWrite | None:
         if overlapped is None:
             segment.write(captured.tensors, step=step, generation=generation, meta=captured.meta, keep_step=keep,
                           stop=stop)

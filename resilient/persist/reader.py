@@ -283,15 +283,16 @@ def set_aside_dirs(storage: Storage) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def committed_dirs(directory: str | Storage) -> list[tuple[int, str]]:
+def committed_dirs(directory: str | Storage, *, quiet: bool = False) -> list[tuple[int, str]]:
     """(step, directory) of every checkpoint with a manifest (complete or damaged), newest first. A
-    directory without one is a persist that never committed: ignored (``clean_leftovers`` removes it)."""
+    directory without one is a persist that never committed: ignored (``clean_leftovers`` removes it; said at
+    INFO unless ``quiet``)."""
     storage = open_storage(directory)
     out = []
     for step, directory in reversed(list_checkpoints(storage)):
         if storage.exists(f"{directory}/{MANIFEST_NAME}"):
             out.append((step, directory))
-        else:
+        elif not quiet:
             log.info("Ignoring partial checkpoint %s (no manifest).", storage.describe(directory))
     return out
 
@@ -308,18 +309,24 @@ def readable(storage: Storage, step: int, name: str) -> Manifest:
     return manifest
 
 
-def newest_readable(directory: str | Storage, *, storage_options: dict | None = None) -> Manifest | None:
-    """The newest checkpoint whose manifest reads and whose files have their recorded sizes (no crc32 pass,
-    no logging): what is on disk, for status lines and messages. None when there is none."""
-    storage = open_storage(directory, **(storage_options or {}))
-    for step, name in reversed(list_checkpoints(storage)):
-        if not storage.exists(f"{name}/{MANIFEST_NAME}"):
-            continue
+def first_readable(storage: Storage, committed: list[tuple[int, str]], *,
+                   skip_unreadable: bool = False) -> Manifest | None:
+    """The first of ``committed`` ((step, directory), newest first) that is ``readable``; None when none is.
+    ``skip_unreadable``: an ``OSError`` reading one is skipped too (else raised)."""
+    skipped = (CheckpointCorruptError, OSError) if skip_unreadable else CheckpointCorruptError
+    for step, name in committed:
         try:
             return readable(storage, step, name)
-        except CheckpointCorruptError:
+        except skipped:
             continue
     return None
+
+
+def newest_readable(directory: str | Storage) -> Manifest | None:
+    """The newest checkpoint whose manifest reads and whose files have their recorded sizes (no crc32 pass,
+    no logging): what is on disk, for status lines and messages. None when there is none."""
+    storage = open_storage(directory)
+    return first_readable(storage, committed_dirs(storage, quiet=True))
 
 
 def what_stays(directory: str | Storage, shown_as: str) -> str:

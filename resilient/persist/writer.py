@@ -46,6 +46,7 @@ from resilient.persist.manifest import (
     shard_file_name,
     step_dir_name,
 )
+from resilient.persist.reader import set_aside
 
 log = get_logger(__name__)
 
@@ -147,15 +148,25 @@ def commit_manifest(
 
 
 def existing_manifest(storage: Storage, directory: str) -> Manifest | None:
-    """The committed manifest in ``directory``, if there is a readable one."""
+    """The committed manifest in ``directory`` (None: there is none); ``CheckpointCorruptError`` when there is
+    one that does not parse."""
     if not storage.exists(f"{directory}/{MANIFEST_NAME}"):
         return None
     with storage.open_read(f"{directory}/{MANIFEST_NAME}") as fh:
         text = fh.read()
-    try:
-        return from_json(text, where=storage.describe(f"{directory}/{MANIFEST_NAME}")).bind(storage, directory)
-    except CheckpointCorruptError:
-        return None
+    return from_json(text, where=storage.describe(f"{directory}/{MANIFEST_NAME}")).bind(storage, directory)
+
+
+def _set_aside_damaged(storage: Storage, directory: str, step: int) -> None:
+    """Step ``step`` was committed once but its manifest no longer parses: set it aside (never deleted) before
+    the step is written again; ``PersistError`` when it can be neither moved nor found gone."""
+    if set_aside(storage, directory, "Its manifest does not parse.", step=step) is None and \
+            storage.exists(f"{directory}/{MANIFEST_NAME}"):
+        raise PersistError(
+            f"Cannot persist step {step}: {storage.describe(directory)} holds a damaged checkpoint of that step "
+            f"(its manifest does not parse) that could not be set aside. Move it out of {storage.location}; "
+            f"later steps persist as usual."
+        )
 
 
 def write_checkpoint(
@@ -178,21 +189,14 @@ def write_checkpoint(
     """
     check_shards(step, world_size, shards)
     directory = step_dir_name(step)
-    existing = existing_manifest(storage, directory)
+    try:
+        existing = existing_manifest(storage, directory)
+    except CheckpointCorruptError:
+        existing = None
+        _set_aside_damaged(storage, directory, step)
     if existing is not None:
         log.info("Checkpoint step %d already exists at %s; not writing it again.", step, existing.location)
         return existing
-    if storage.exists(f"{directory}/{MANIFEST_NAME}"):
-        # committed once but damaged now: set aside (never deleted) before this step is written again
-        from resilient.persist.reader import set_aside
-
-        reason = "Its manifest does not parse."
-        if set_aside(storage, directory, reason, step=step) is None and storage.exists(f"{directory}/{MANIFEST_NAME}"):
-            raise PersistError(
-                f"Cannot persist step {step}: {storage.describe(directory)} holds a damaged checkpoint of that step "
-                f"(its manifest does not parse) that could not be set aside. Move it out of {storage.location}; "
-                f"later steps persist as usual."
-            )
     if storage.exists(directory):
         storage.remove_tree(directory)  # leftovers of an earlier, unfinished attempt at this step
     storage.makedirs(directory)

@@ -123,8 +123,8 @@ class AgentRuntime(WorkerRuntime):
     def pending_generation(self) -> bool:
         return self._control.get("target_generation") > self._assignment.generation
 
-    def failure_word(self) -> tuple[int, int] | None:
-        return self._control.failed_address(), self._assignment.generation - 1
+    def failure_address(self) -> int | None:
+        return self._control.failed_address()
 
     def watch_generation(self, callback: Callable[[int], None]) -> None:
         if self._watcher is not None:

@@ -86,10 +86,10 @@ class WorkerRuntime(abc.ABC):
         generation newer than the one this worker runs in (at every later announcement too). By default
         nothing: a runtime without an agent announces generations only where the worker looks for them."""
 
-    def failure_word(self) -> tuple[int, int] | None:
-        """``(address, value)``: an aligned int64, in memory mapped for this runtime's life, that rises above
-        ``value`` as soon as a member of this worker's current generation failed, when no snapshot of that
-        generation can commit any more; a snapshot copy then stops part-way instead of delaying the recovery
+    def failure_address(self) -> int | None:
+        """The address of an aligned int64, in memory mapped for this runtime's life, holding the newest
+        generation a member failed in (no snapshot of it can commit any more): a snapshot copy of generation
+        ``g`` stops part-way once it reaches ``g`` instead of delaying the recovery
         (``resilient.store.segment.StopWhen``). By default None: copies always run to their end."""
         return None
 

@@ -258,14 +258,18 @@ def test_a_persist_dir_that_cannot_be_created_exits_2(capsys, no_etcd):
     assert "--persist-dir '/proc/nope' cannot be created" in capsys.readouterr().err
 
 
-def test_missing_local_directories_are_created_and_urls_left_to_the_persister(tmp_path):
+def test_missing_local_directories_are_created_and_urls_left_to_the_persister(tmp_path, monkeypatch):
     from resilient.agent.settings import prepare_local_paths
 
     s = cli_args.parse(["--standalone", "--log-dir", str(tmp_path / "logs" / "a"), "--persist-dir",
                         str(tmp_path / "ckpt"), SCRIPT])
     prepare_local_paths(s)
     assert (tmp_path / "logs" / "a").is_dir() and (tmp_path / "ckpt").is_dir()
+    monkeypatch.chdir(tmp_path)  # os.makedirs("memory://nowhere/x") would make ./memory:/nowhere/x here
+    before = sorted(p.name for p in tmp_path.iterdir())
     prepare_local_paths(cli_args.parse(["--standalone", "--persist-dir", "memory://nowhere/x", SCRIPT]))
+    assert not (tmp_path / "memory:").exists(), "a --persist-dir URL was created as a local directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("where,message", [

@@ -162,14 +162,32 @@ def test_every_emitted_event_kind_is_known_to_the_scenario_checks(kind: str, whe
     assert kind in KNOWN_EVENT_KINDS, f"{kind!r} (emitted in {where}) is missing from resilient/chaos/event_kinds.py"
 
 
+# Kinds emitted through a variable, which the _EMIT scan cannot see: resilient/chaos/runner.py passes them as
+# literals to its _wrap(f, fn, kind), whose run() writes them with clog.emit(kind, ...). Only these two.
+_EMITTED_INDIRECTLY = {
+    "fault.step": "resilient/chaos/runner.py",  # fired(): _wrap(f, fn, "fault.step") for each followup
+    "fault.healed": "resilient/chaos/runner.py",  # fired(): _wrap(f, lambda: ...heal(...), "fault.healed")
+}
+
+
+def _emitted_indirectly(kind: str) -> bool:
+    """``kind`` is still passed to the runner's ``_wrap`` and ``_wrap`` still emits what it is given."""
+    source = (ROOT / _EMITTED_INDIRECTLY[kind]).read_text(encoding="utf-8")
+    wrapped = re.compile(r"""\b_wrap\([^"']*["']""" + re.escape(kind) + r"""["']""")
+    return bool(wrapped.search(source)) and "clog.emit(kind," in source
+
+
+def test_the_indirect_allowance_holds_only_kinds_the_emit_scan_cannot_see() -> None:
+    assert set(_EMITTED_INDIRECTLY) <= KNOWN_EVENT_KINDS
+    assert not set(_EMITTED_INDIRECTLY) & set(_emitted_kinds()), "emitted with a literal now: drop from the allowance"
+
+
 @pytest.mark.parametrize("kind", sorted(KNOWN_EVENT_KINDS))
 def test_every_known_event_kind_is_still_written_somewhere(kind: str) -> None:
-    """Kinds emitted through a variable (the runner's ``fault.step``/``fault.healed``) count as a literal."""
-    sources = [p for p in (ROOT / "resilient").rglob("*.py") if p.name != "event_kinds.py"]
-    quoted = re.compile(r"""["']""" + re.escape(kind) + r"""["']""")
-    assert any(quoted.search(p.read_text(encoding="utf-8")) for p in sources), (
-        f"{kind!r} is in KNOWN_EVENT_KINDS but no module under resilient/ writes it any more"
-    )
+    """Each known kind is emitted with a literal (the _EMIT scan) or is one of the runner's indirect kinds and
+    is still passed to its emitter; a kind that only code reading events mentions does not count."""
+    written = kind in _emitted_kinds() or (kind in _EMITTED_INDIRECTLY and _emitted_indirectly(kind))
+    assert written, f"{kind!r} is in KNOWN_EVENT_KINDS but no module under resilient/ writes it any more"
 
 
 @pytest.mark.parametrize("name", sorted(ACTIONS))

@@ -22,6 +22,24 @@ def _context(runtime, writer) -> Context:
 
 
 @pytest.fixture
+def writer(local_runtime):
+    """The context's snapshot writer, closed when the test ends (passed or failed)."""
+    writer = SnapshotWriter(local_runtime)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+def ctx(local_runtime, writer) -> Context:
+    """A fresh Context with a model protected, before its step loop."""
+    ctx = _context(local_runtime, writer)
+    ctx.protect(model=torch.nn.Linear(2, 2))
+    return ctx
+
+
+@pytest.fixture
 def warnings_of_resilient(caplog):
     """WARNING records of the resilient loggers (which may not propagate to the root logger)."""
     root = logging.getLogger("resilient")
@@ -33,22 +51,15 @@ def warnings_of_resilient(caplog):
         root.removeHandler(caplog.handler)
 
 
-def test_an_epoch_loop_over_steps_warns_once_that_total_is_a_total(local_runtime, warnings_of_resilient):
-    writer = SnapshotWriter(local_runtime)
-    ctx = _context(local_runtime, writer)
-    ctx.protect(model=torch.nn.Linear(2, 2))
+def test_an_epoch_loop_over_steps_warns_once_that_total_is_a_total(warnings_of_resilient, ctx):
     per_epoch = [list(ctx.steps(4)) for _ in range(3)]
     assert per_epoch == [[0, 1, 2, 3], [], []]
     said = [m for m in warnings_of_resilient() if "ctx.steps(4) yields nothing" in m]
     assert len(said) == 1
     assert "4 steps are already completed" in said[0] and "not a count per call" in said[0]
-    writer.close()
 
 
-def test_a_second_loop_continues_from_the_completed_steps_without_a_warning(local_runtime, warnings_of_resilient):
-    writer = SnapshotWriter(local_runtime)
-    ctx = _context(local_runtime, writer)
-    ctx.protect(model=torch.nn.Linear(2, 2))
+def test_a_second_loop_continues_from_the_completed_steps_without_a_warning(warnings_of_resilient, ctx):
     assert list(ctx.steps(3)) == [0, 1, 2]
     assert list(ctx.steps(5)) == [3, 4]  # total is the run's total: the documented warm-up/main split
     for s in ctx.steps(8):
@@ -56,13 +67,11 @@ def test_a_second_loop_continues_from_the_completed_steps_without_a_warning(loca
             break  # the abandoned loop is closed, so the next one may start
     assert list(ctx.steps(8)) == [6, 7]
     assert not [m for m in warnings_of_resilient() if "yields nothing" in m]
-    writer.close()
 
 
-def test_a_restored_run_that_reached_the_total_yields_nothing_without_a_warning(local_runtime, warnings_of_resilient):
-    writer = SnapshotWriter(local_runtime)
-    first = _context(local_runtime, writer)
-    first.protect(model=torch.nn.Linear(2, 2))
+def test_a_restored_run_that_reached_the_total_yields_nothing_without_a_warning(local_runtime, warnings_of_resilient,
+                                                                                writer, ctx):
+    first = ctx
     assert list(first.steps(3)) == [0, 1, 2]
     assert first.snapshot() == 3
     again = _context(local_runtime, writer)  # what an in-process recovery builds
@@ -70,13 +79,9 @@ def test_a_restored_run_that_reached_the_total_yields_nothing_without_a_warning(
     assert again.restored_step == 3
     assert list(again.steps(3)) == []
     assert not [m for m in warnings_of_resilient() if "yields nothing" in m]
-    writer.close()
 
 
-def test_two_open_step_loops_are_refused(local_runtime):
-    writer = SnapshotWriter(local_runtime)
-    ctx = _context(local_runtime, writer)
-    ctx.protect(model=torch.nn.Linear(2, 2))
+def test_two_open_step_loops_are_refused(ctx):
     outer = ctx.steps(5)
     assert next(outer) == 0
     assert next(outer) == 1  # step 0 done, suspended at step 1
@@ -84,13 +89,9 @@ def test_two_open_step_loops_are_refused(local_runtime):
         next(ctx.steps(5))
     outer.close()
     assert list(ctx.steps(5)) == [1, 2, 3, 4]  # once closed, a new loop continues from the completed steps
-    writer.close()
 
 
-def test_protect_after_the_loop_began_is_refused(local_runtime):
-    writer = SnapshotWriter(local_runtime)
-    ctx = _context(local_runtime, writer)
-    ctx.protect(model=torch.nn.Linear(2, 2))
+def test_protect_after_the_loop_began_is_refused(local_runtime, writer, ctx):
     loop = ctx.steps(4)
     ctx.protect(head=torch.nn.Linear(2, 1))  # the generator has not started: still before the loop
     next(loop)
@@ -106,4 +107,3 @@ def test_protect_after_the_loop_began_is_refused(local_runtime):
     again = _context(local_runtime, writer)
     again.protect(model=model, head=head)
     assert again.restored_step == 4
-    writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -147,7 +148,9 @@ def test_a_train_function_must_take_the_context():
     def variadic(*args):
         pass
 
-    assert callable(with_ctx) and callable(variadic)
+    # accepted: each is wrapped, keeping the train function's own signature
+    assert str(inspect.signature(with_ctx)) == "(ctx, steps=3)" and with_ctx.__name__ == "with_ctx"
+    assert str(inspect.signature(variadic)) == "(*args)" and variadic.__name__ == "variadic"
 
 
 def test_a_bad_environment_default_is_refused_at_the_call_naming_the_variable(monkeypatch):
@@ -161,3 +164,21 @@ def test_a_bad_environment_default_is_refused_at_the_call_naming_the_variable(mo
     with pytest.raises(ConfigError, match=r"snapshot_every=-2 must be >= 0.*\$RESILIENT_SNAPSHOT_EVERY"):
         train()
     assert made == []  # refused before a runtime was made
+
+
+def test_each_bad_environment_value_is_blamed_on_its_own_variable(monkeypatch):
+    # the variable used to be guessed from the message: a non-integer RESILIENT_SNAPSHOT_EVERY was blamed on
+    # $RESILIENT_BACKEND
+    @resilient.elastic(runtime=lambda: pytest.fail("a runtime was made"))
+    def train(ctx):
+        pass
+
+    monkeypatch.setenv(env.SNAPSHOT_EVERY, "x")
+    with pytest.raises(ConfigError) as info:
+        train()
+    assert str(info.value) == "Environment variable RESILIENT_SNAPSHOT_EVERY='x' must be an integer."
+    monkeypatch.delenv(env.SNAPSHOT_EVERY)
+    monkeypatch.setenv(env.BACKEND, "tcp")
+    with pytest.raises(ConfigError, match=r"backend='tcp' is not a torch.distributed backend.*"
+                                          r"The value came from \$RESILIENT_BACKEND: fix or unset it\.$"):
+        train()

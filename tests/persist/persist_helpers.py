@@ -1,5 +1,5 @@
 """Helpers for the durable-checkpoint tests: shard states with known contents, a bit-exact comparison,
-and running code in a fresh interpreter."""
+damaging a checkpoint on disk, and running code in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ def assert_same_shards(got: dict[int, ShardState], want: dict[int, ShardState]) 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def flip_byte(path: str, offset_from_end: int = 1, mask: int = 0x01) -> None:
+    """XOR the byte ``offset_from_end`` bytes before the end of file ``path`` with ``mask``, in place."""
+    with open(path, "r+b") as fh:
+        fh.seek(-offset_from_end, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-offset_from_end, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ mask]))
+
+
+def truncate_manifest(ckpt_dir: str, step: int, size: int = 40) -> None:
+    """Cut step ``step``'s ``manifest.json`` in ``ckpt_dir`` to its first ``size`` bytes: it no longer parses."""
+    with open(os.path.join(ckpt_dir, f"step-{step:08d}", "manifest.json"), "r+") as fh:
+        fh.truncate(size)
 
 
 def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import os
 import uuid
 
 import pytest
-from persist_helpers import assert_same_shards, make_shards
+from persist_helpers import assert_same_shards, flip_byte, make_shards, truncate_manifest
 
 from resilient import failpoints
 from resilient.agent import summary
@@ -34,17 +34,9 @@ def _write(ckpt_dir, *steps, world_size=2):
         write_checkpoint(storage, step, 1, world_size, make_shards(step, world_size), job="j")
 
 
-def _flip_last_byte(path):
-    with open(path, "r+b") as fh:
-        fh.seek(-1, os.SEEK_END)
-        byte = fh.read(1)
-        fh.seek(-1, os.SEEK_END)
-        fh.write(bytes([byte[0] ^ 0x01]))
-
-
 def test_seed_resumes_from_the_older_checkpoint_and_sets_the_corrupt_newer_one_aside(ckpt_dir, snapshots):
     _write(ckpt_dir, 1, 12)
-    _flip_last_byte(os.path.join(ckpt_dir, "step-00000012", "rank-1.safetensors"))
+    flip_byte(os.path.join(ckpt_dir, "step-00000012", "rank-1.safetensors"), offset_from_end=1, mask=0x01)
     durable = Durable(ckpt_dir, "j", keep=2, every=0)
     try:
         assert durable.seed(snapshots, (0, 1), 2) == 1
@@ -59,8 +51,7 @@ def test_seed_resumes_from_the_older_checkpoint_and_sets_the_corrupt_newer_one_a
 def test_seed_refuses_to_start_from_scratch_when_every_committed_checkpoint_is_damaged(ckpt_dir, snapshots):
     _write(ckpt_dir, 4, 12)
     for step in (4, 12):
-        with open(os.path.join(ckpt_dir, f"step-{step:08d}", "manifest.json"), "r+") as fh:
-            fh.truncate(30)
+        truncate_manifest(ckpt_dir, step, size=30)
     before = sorted(os.listdir(ckpt_dir))
     durable = Durable(ckpt_dir, "j", keep=2, every=0)
     try:
@@ -79,11 +70,15 @@ def test_seed_refuses_to_start_from_scratch_when_every_committed_checkpoint_is_d
 
 def test_seed_of_a_directory_with_only_unfinished_persists_starts_from_scratch(ckpt_dir, snapshots):
     os.makedirs(os.path.join(ckpt_dir, "step-00000009"))
+    before = sorted(os.listdir(ckpt_dir))
     durable = Durable(ckpt_dir, "j", keep=2, every=0)
     try:
         assert durable.seed(snapshots, (0, 1), 2) is None
     finally:
         durable.close()
+    # the unfinished persist is left as it is: not set aside as damaged, not removed
+    assert sorted(os.listdir(ckpt_dir)) == before == ["step-00000009"]
+    assert os.listdir(os.path.join(ckpt_dir, "step-00000009")) == []
 
 
 def test_seed_refuses_a_checkpoint_of_another_world_size(ckpt_dir, snapshots):

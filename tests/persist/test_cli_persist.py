@@ -6,7 +6,7 @@ import io
 import os
 
 import torch
-from persist_helpers import make_shards
+from persist_helpers import flip_byte, make_shards, truncate_manifest
 from safetensors.torch import load_file
 
 from resilient.cli_persist import export_main, inspect_main
@@ -38,12 +38,7 @@ def test_inspect_prints_the_manifest_and_verifies(ckpt_dir, capsys):
 def test_inspect_exits_1_naming_the_corrupt_file_and_tensor(ckpt_dir, capsys):
     write_checkpoint(open_storage(ckpt_dir), 1, 1, 2, make_shards(1), job="j")
     write_checkpoint(open_storage(ckpt_dir), 2, 1, 2, make_shards(2), job="j")
-    path = os.path.join(ckpt_dir, "step-00000002", "rank-1.safetensors")
-    with open(path, "r+b") as fh:
-        fh.seek(-1, os.SEEK_END)
-        last = fh.read(1)
-        fh.seek(-1, os.SEEK_END)
-        fh.write(bytes([last[0] ^ 0x80]))
+    flip_byte(os.path.join(ckpt_dir, "step-00000002", "rank-1.safetensors"), offset_from_end=1, mask=0x80)
     out = io.StringIO()
     assert inspect_main([ckpt_dir], out=out) == 1
     err = capsys.readouterr().err
@@ -110,11 +105,6 @@ def test_export_errors_exit_1_with_a_message(ckpt_dir, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x.pt")
 
 
-def _truncate_manifest(ckpt_dir, step):
-    with open(os.path.join(ckpt_dir, f"step-{step:08d}", "manifest.json"), "r+") as fh:
-        fh.truncate(40)
-
-
 def _digest_tree(path):
     out = {}
     for root, _dirs, files in os.walk(path):
@@ -169,7 +159,7 @@ def test_export_of_a_persist_directory_refuses_a_damaged_newest_checkpoint_and_n
         ckpt_dir, tmp_path, capsys):
     _model_checkpoint(ckpt_dir, step=5)
     _model_checkpoint(ckpt_dir, step=12)
-    _truncate_manifest(ckpt_dir, 12)
+    truncate_manifest(ckpt_dir, 12)
     out = str(tmp_path / "model.pt")
     assert export_main([ckpt_dir, out], out=io.StringIO()) == 1
     err = capsys.readouterr().err
@@ -185,12 +175,7 @@ def test_export_of_a_persist_directory_refuses_a_damaged_newest_checkpoint_and_n
 def test_export_of_a_persist_directory_refuses_a_newest_checkpoint_that_fails_its_crc32(ckpt_dir, tmp_path, capsys):
     _model_checkpoint(ckpt_dir, step=5)
     _model_checkpoint(ckpt_dir, step=12)
-    path = os.path.join(ckpt_dir, "step-00000012", "rank-0.safetensors")
-    with open(path, "r+b") as fh:
-        fh.seek(-3, os.SEEK_END)
-        byte = fh.read(1)
-        fh.seek(-3, os.SEEK_END)
-        fh.write(bytes([byte[0] ^ 0x10]))
+    flip_byte(os.path.join(ckpt_dir, "step-00000012", "rank-0.safetensors"), offset_from_end=3, mask=0x10)
     out = str(tmp_path / "all.safetensors")
     assert export_main([ckpt_dir, out], out=io.StringIO()) == 1
     err = capsys.readouterr().err
@@ -204,7 +189,7 @@ def test_inspect_json_of_a_persist_directory_lists_every_checkpoint_with_its_sta
     write_checkpoint(open_storage(ckpt_dir), 1, 1, 2, make_shards(1), job="j")
     write_checkpoint(open_storage(ckpt_dir), 2, 1, 2, make_shards(2), job="j")
     os.makedirs(os.path.join(ckpt_dir, "step-00000003"))
-    _truncate_manifest(ckpt_dir, 2)
+    truncate_manifest(ckpt_dir, 2)
     out = io.StringIO()
     assert inspect_main([ckpt_dir, "--json"], out=out) == 1
     listed = json.loads(out.getvalue())

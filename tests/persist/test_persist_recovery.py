@@ -8,7 +8,7 @@ import os
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from persist_helpers import assert_same_shards, make_shards
+from persist_helpers import assert_same_shards, flip_byte, make_shards
 
 from resilient.errors import CheckpointCorruptError, ConfigError, PersistError
 from resilient.persist import (
@@ -33,14 +33,6 @@ def _two_checkpoints(ckpt_dir):
     return old, new
 
 
-def _flip_byte(path, offset_from_end=5):
-    with open(path, "r+b") as fh:
-        fh.seek(-offset_from_end, os.SEEK_END)
-        byte = fh.read(1)
-        fh.seek(-offset_from_end, os.SEEK_END)
-        fh.write(bytes([byte[0] ^ 0x01]))
-
-
 def _rank_file(ckpt_dir, step, rank):
     return os.path.join(ckpt_dir, f"step-{step:08d}", f"rank-{rank}.safetensors")
 
@@ -48,7 +40,7 @@ def _rank_file(ckpt_dir, step, rank):
 def test_corrupt_shard_is_skipped_with_a_warning_and_the_previous_checkpoint_is_used(
         ckpt_dir, warnings_logged, events_seen):
     old, _ = _two_checkpoints(ckpt_dir)
-    _flip_byte(_rank_file(ckpt_dir, 20, 1))
+    flip_byte(_rank_file(ckpt_dir, 20, 1), offset_from_end=5, mask=0x01)
     manifest = latest_complete(ckpt_dir, on_event=events_seen.append)
     assert manifest.step == 10
     assert any(r.levelno == logging.WARNING and "Skipping checkpoint step 20" in r.getMessage()
@@ -62,7 +54,7 @@ def test_corrupt_shard_is_skipped_with_a_warning_and_the_previous_checkpoint_is_
 
 def test_corruption_names_the_tensor_whose_bytes_changed(ckpt_dir):
     _two_checkpoints(ckpt_dir)
-    _flip_byte(_rank_file(ckpt_dir, 20, 0))
+    flip_byte(_rank_file(ckpt_dir, 20, 0), offset_from_end=5, mask=0x01)
     manifest = latest_complete(ckpt_dir, verify=False)
     assert manifest.step == 20
     with pytest.raises(CheckpointCorruptError, match=r"tensor '.*' in .*rank-0.safetensors fails its crc32"):

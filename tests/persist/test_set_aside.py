@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import pytest
-from persist_helpers import assert_same_shards, make_shards
+from persist_helpers import assert_same_shards, flip_byte, make_shards, truncate_manifest
 
 from resilient.errors import PersistError
 from resilient.persist import (
@@ -37,16 +38,7 @@ def _flip_tensor_byte(ckpt_dir, step, rank=0):
     shard = read_manifest(open_storage(ckpt_dir), f"step-{step:08d}").shard(rank)
     data_start = shard.bytes - max(t.end for t in shard.tensors)
     first = next(t for t in shard.tensors if t.nbytes)
-    with open(path, "r+b") as fh:
-        fh.seek(data_start + first.begin)
-        byte = fh.read(1)
-        fh.seek(data_start + first.begin)
-        fh.write(bytes([byte[0] ^ 0x01]))
-
-
-def _truncate_manifest(ckpt_dir, step):
-    with open(os.path.join(ckpt_dir, f"step-{step:08d}", "manifest.json"), "r+") as fh:
-        fh.truncate(40)
+    flip_byte(path, offset_from_end=os.path.getsize(path) - (data_start + first.begin), mask=0x01)
 
 
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_retention_keeps_the_verified_older_one(
@@ -92,8 +84,8 @@ def test_readers_that_are_not_the_job_never_rename(ckpt_dir):
 def test_every_committed_checkpoint_damaged_is_not_nothing_committed_and_nothing_is_moved(
         ckpt_dir, warnings_logged):
     _write(ckpt_dir, 4, 12)
-    _truncate_manifest(ckpt_dir, 4)
-    _truncate_manifest(ckpt_dir, 12)
+    truncate_manifest(ckpt_dir, 4)
+    truncate_manifest(ckpt_dir, 12)
     os.makedirs(os.path.join(ckpt_dir, "step-00000020"))  # an unfinished persist: not a committed checkpoint
     found = find_latest(ckpt_dir, load_states=True, set_aside_damaged=True)
     assert found.manifest is None and found.all_damaged
@@ -148,7 +140,7 @@ def test_persisting_a_step_over_its_damaged_committed_directory_sets_the_old_one
     """Before, write_checkpoint removed a step directory whose manifest did not parse: a committed checkpoint
     deleted without a word."""
     _write(ckpt_dir, 7)
-    _truncate_manifest(ckpt_dir, 7)
+    truncate_manifest(ckpt_dir, 7)
     with Persister(ckpt_dir, job="j") as persister:
         manifest = persister.persist(7, 1, 2, make_shards(7))
     assert_same_shards(load(manifest), make_shards(7))
@@ -179,9 +171,10 @@ def test_a_superseded_step_is_logged_at_info_with_the_reason(ckpt_dir, caplog):
     try:
         with Persister(ckpt_dir, job="j", failpoints="persist.shard.after_write=1*sleep(600)") as persister:
             first = persister.submit(1, 1, 2, make_shards(1))
-            deadline = threading.Event()
-            while persister.pending() and not deadline.wait(0.01):
-                pass  # step 1 is being written (sleeping in the failpoint) once the queue is empty
+            deadline = time.monotonic() + 30
+            while persister.pending():  # step 1 is being written (sleeping in the failpoint) once the queue is empty
+                assert time.monotonic() < deadline, "step 1 was still queued after 30 s: the writer never took it"
+                time.sleep(0.01)
             second = persister.submit(2, 1, 2, make_shards(2))
             third = persister.submit(3, 1, 2, make_shards(3))
             assert third.result(60).step == 3 and first.result(60).step == 1

@@ -49,6 +49,18 @@ def test_a_word_above_its_value_stops_the_copy_before_any_chunk(engine):
     assert int(dst.count_nonzero()) == 0
 
 
+def test_a_word_raised_part_way_stops_the_copy_before_the_next_chunk(engine):
+    # on one thread the chunks are copied in order, and the first region's copy is what raises the word
+    src, dst = _regions(10 * CHUNK)
+    word, raised = ctypes.c_int64(0), ctypes.c_int64(9)
+    got = engine.copy_checksum_batch([ctypes.addressof(word), dst.data_ptr()],
+                                     [ctypes.addressof(raised), src.data_ptr()], [8, src.numel()], CHUNK,
+                                     threads=1, stop_word=ctypes.addressof(word), stop_above=0)
+    assert got is None
+    assert word.value == 9  # the first region was copied
+    assert int(dst.count_nonzero()) == 0  # and not one chunk after it
+
+
 def test_a_misaligned_stop_word_is_refused(engine):
     src, dst = _regions(CHUNK)
     words = (ctypes.c_int64 * 2)()
