@@ -6,7 +6,8 @@
 #   build.log     pip install with RESILIENT_CUDA=ON for sm_90 (tail)
 #   pytest.txt    tests/store/test_gpu.py + tests/elastic/test_gpu_overlap.py + the CUDA persist round trip
 #   stall.jsonl   bench/snapshot_stall.py --device cuda --reps 3 at 100 MB, 1 GB, 4 GB
-#                 (stall_s overlapped, copy_s synchronous snapshot, memcpy_s pinned D2H copy_)
+#                 (stall_s overlapped, stall_behind_queued_s the same behind ~100 ms of queued GPU work,
+#                 copy_s synchronous snapshot, memcpy_s pinned D2H copy_)
 #   stall_profile.txt  cProfile of the 1 GB configuration (CPU-side cost of the overlapped snapshot)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,8 @@ step bench
 timeout 100 "$PY" bench/snapshot_stall.py --device cuda --reps 3 --sizes-mb 100,1000,4000 >"$OUT/stall.jsonl" 2>&1
 echo "bench exit $?" >>"$OUT/env.txt"
 
-# Where the remaining blocking time of the overlapped snapshot goes (24-27 ms per GB on an H100 on
-# 2026-11-26): the CPU side of one 1 GB configuration under cProfile, hottest calls first.
+# Where the remaining blocking time of the overlapped snapshot goes (2-5 ms per GB on an H100 on 2026-11-27,
+# most of it the per-tensor CRC launch): the CPU side of one 1 GB configuration under cProfile, hottest first.
 step profile
 timeout 60 "$PY" -m cProfile -o "$OUT/stall_1g.prof" bench/snapshot_stall.py --device cuda --reps 5 \
   --sizes-mb 1000 >"$OUT/stall_profiled.jsonl" 2>&1

@@ -15,7 +15,10 @@ CRCs) plus the time the seal blocks once the next "step" is over (``writer.poll(
 finished, as ``ctx.steps()`` does at each step boundary); the next step is simulated by waiting, off the
 measured time, until the copy is done (``overlap_copy_s``: snapshot start to copy done). ``copy_s`` is the
 synchronous snapshot of the same state (``SnapshotWriter(overlap=False)``, today's path: blocks for the
-whole copy), ``memcpy_s`` the pinned ``copy_``. On CPU ``copy_s`` equals ``stall_s``.
+whole copy), ``memcpy_s`` the pinned ``copy_``. On CPU ``copy_s`` equals ``stall_s``. In training the host
+runs ahead of the GPU, so the overlapped snapshot is also measured behind ~100 ms of matmuls queued on the
+current stream (``stall_behind_queued_s``, ``queued_ms``); the benchmark fails if such a snapshot returns
+only after the queued work finished (it waited for the device).
 
 Prints one JSON line per size: ``{"bytes", "stall_s", "copy_s", "memcpy_s", "ratio", ...}`` where
 ``ratio`` = stall_s / memcpy_s.
@@ -44,6 +47,7 @@ from resilient.runtime.local import LocalRuntime  # noqa: E402
 from resilient.store import backend, is_native  # noqa: E402
 
 TENSOR_BYTES = 32 << 20  # parameters of 32 MiB each, like the big layers of a model
+QUEUED_MS = 100.0  # GPU work queued ahead of each snapshot in the "behind queued work" measurement
 
 
 class Blob(torch.nn.Module):
@@ -62,11 +66,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class QueuedWork:
+    """About ``ms`` of matmuls queued on the current stream, as a training step leaves the GPU behind the host.
+    ``queue()`` returns an event recorded after them: still pending when ``snapshot()`` returns means the
+    snapshot did not wait for the work queued before it."""
+
+    def __init__(self, device: torch.device, ms: float) -> None:
+        self.a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)  # ~1.4 ms per product on an H100
+        self.count = 1
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        self._matmuls(20)
+        torch.cuda.synchronize(device)
+        per = (time.perf_counter() - began) / 20
+        self.count = max(1, round(ms / 1e3 / per))
+        self.ms = self.count * per * 1e3
+
+    def _matmuls(self, n: int) -> None:
+        for _ in range(n):
+            torch.mm(self.a, self.a).clamp_(-1, 1)
+
+    def queue(self) -> torch.cuda.Event:
+        self._matmuls(self.count)
+        done = torch.cuda.Event()
+        done.record()
+        return done
+
+
 def snapshot_stalls(
-    model: Blob, reps: int, device: torch.device, overlap: bool
+    model: Blob, reps: int, device: torch.device, overlap: bool, queued: QueuedWork | None = None
 ) -> tuple[list[float], list[float], bool]:
     """Blocking time of ``reps`` snapshots (after two warm-ups) on a fresh LocalRuntime; with ``overlap``
-    also the time from each snapshot's start until its copy finished. Returns (stalls, copies, overlapped)."""
+    also the time from each snapshot's start until its copy finished. Returns (stalls, copies, overlapped).
+    With ``queued`` each snapshot starts behind that GPU work, and a snapshot that returns only after the
+    work finished raises (it waited for the device)."""
     runtime = LocalRuntime(mode="single")
     writer = SnapshotWriter(runtime, overlap=overlap)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # guarded: its parameters are copied without clones
@@ -78,9 +111,13 @@ def snapshot_stalls(
     try:
         for i in range(reps + 2):
             sync(device)
+            ahead = queued.queue() if queued is not None else None
             began = time.perf_counter()
             ctx.snapshot()
             stall = time.perf_counter() - began
+            if ahead is not None and ahead.query() and i >= 2:
+                raise SystemExit(f"snapshot() of {model_bytes(model)} bytes returned only after the "
+                                 f"{queued.ms:.0f} ms of GPU work queued before it ({stall * 1e3:.1f} ms)")
             if writer.in_flight:  # the next step runs while the copy does: wait for it off the clock
                 overlapped = True
                 while not writer.copy_done():
@@ -100,9 +137,15 @@ def snapshot_stalls(
     return stalls, copies, overlapped
 
 
+def model_bytes(model: Blob) -> int:
+    return sum(p.numel() * p.element_size() for p in model.params)
+
+
 def measure(nbytes: int, reps: int, device: torch.device) -> dict:
     model = Blob(nbytes, device)
     stalls, overlap_copies, overlapped = snapshot_stalls(model, reps, device, overlap=True)
+    queued = QueuedWork(device, QUEUED_MS) if overlapped else None
+    queued_stalls = snapshot_stalls(model, reps, device, overlap=True, queued=queued)[0] if queued else None
     sync_stalls = snapshot_stalls(model, reps, device, overlap=False)[0] if overlapped else stalls
     srcs = [p.data for p in model.params]
     dsts = [torch.empty(s.shape, dtype=s.dtype, pin_memory=device.type == "cuda") for s in srcs]
@@ -124,6 +167,10 @@ def measure(nbytes: int, reps: int, device: torch.device) -> dict:
     stall_s, memcpy_s = statistics.median(stalls), statistics.median(copies)
     copy_s = statistics.median(sync_stalls)
     nb = sum(s.numel() * s.element_size() for s in srcs)
+    behind = {} if queued is None else {
+        "stall_behind_queued_s": round(statistics.median(queued_stalls), 6),
+        "queued_ms": round(queued.ms, 1),
+    }
     return {
         "bytes": nb,
         "stall_s": round(stall_s, 6),
@@ -134,6 +181,7 @@ def measure(nbytes: int, reps: int, device: torch.device) -> dict:
         "overlap_copy_s": round(statistics.median(overlap_copies), 6),
         "stall_ms_per_gb": round(stall_s * 1e3 / (nb / 1e9), 3),
         "copy_over_stall": round(copy_s / stall_s, 2),
+        **behind,
         "device": str(device),
         "engine": "native" if is_native() else "python",
         "engine_threads": backend().default_threads(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 import torch
@@ -83,17 +84,29 @@ def test_overlapped_snapshot_returns_before_its_copy_and_restores_bitwise(local_
         for _ in range(2):  # segment created, mapping registered, both slots faulted in
             ctx.snapshot()
             writer.finish()
+        # Every kernel the timed part below launches runs once here: a kernel's first launch loads its module
+        # (CUDA lazy loading), which waits for all work on the device, the queued copy included.
+        opt.step()
+        model.count.add_(1.0)
+        torch.cuda.synchronize(dev)
 
         expected = {k: v.clone() for k, v in model.state_dict().items()}
         model.count.fill_(5.0)
         expected["count"] = model.count.clone()
         torch.cuda.synchronize(dev)
         _busy(dev)  # the copy is ordered after these kernels: it cannot finish before they do
+        busy_done = torch.cuda.Event()
+        busy_done.record()
         ctx.snapshot()
         assert writer.in_flight and not writer.copy_done(), "snapshot() waited for its copy"
         model.count.add_(1.0)  # a buffer changed by the next forward: the snapshot holds its clone
+        began = time.perf_counter()
         opt.step()  # the step pre-hook orders the update after the copy on the GPU, without blocking
-        assert not writer.copy_done(), "the optimizer step waited for the copy on the host"
+        step_s = time.perf_counter() - began
+        assert not writer.copy_done(), (
+            f"the optimizer step waited for the copy on the host (it took {step_s:.3f} s; the matmuls queued "
+            f"before the snapshot had {'' if busy_done.query() else 'not '}finished)"
+        )
         torch.cuda.synchronize(dev)
         writer.poll()  # the copy has finished: seals it (the step pre-hook found it still running)
         assert not writer.in_flight
