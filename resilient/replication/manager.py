@@ -14,7 +14,8 @@ A copy about to be overwritten (the worker's next snapshot, ``before_overwrite``
 claims hold (``resilient.replication.withdrawn``): no node commits a step on a copy that is going away.
 A shard that cannot reach all of its holders within ``replicate_timeout_s`` (peer gone, refused,
 generation changed) is skipped: event ``replica.skipped`` and the ``skipped`` counter; training is never
-blocked and the previous committed step stays the restore point. An etcd error on the way (an election, a
+blocked and the previous committed step stays the restore point. A new generation cancels the offer or
+bulk send of an older one still in progress (a peer cut off or paused would hold it until its timeout). An etcd error on the way (an election, a
 deadline, an indeterminate transaction) retries the snapshot once while it is still the rank's newest and
 within its time budget, else skips it with ``cause="etcd"``; the sender threads never die of it, so commits
 resume with the next snapshot once etcd answers again.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import socket
 import threading
 import time
@@ -155,7 +157,8 @@ class ShardManager(PeerHandler):
         self._pending: dict[int, _Job] = {}
         self._order: list[int] = []
         self._active: set[int] = set()
-        self._sending: dict[int, tuple[int, socket.socket]] = {}  # rank -> (generation, socket) of a bulk send
+        # rank -> (generation, cancel) of the offer or bulk send in progress: a new generation cancels older ones
+        self._sending: dict[int, tuple[int, Callable[[], object]]] = {}
         self._expect: dict[tuple[int, int, int], Expected] = {}  # transfers the bulk receiver accepts
         # paces every piece of every transfer (``send_slot(..., pace=...)``), so a big shard is paced inside
         # its transfer rather than bursting at line rate
@@ -259,9 +262,9 @@ class ShardManager(PeerHandler):
             self._order = [r for r in self._order if r in self._pending]
             for key in [k for k in self._expect if k[2] != assignment.generation and k not in self._restore_keys()]:
                 self._expect.pop(key)
-            stale = [sock for g, sock in self._sending.values() if g != assignment.generation]
-        for sock in stale:
-            _abort(sock)
+            stale = [cancel for g, cancel in self._sending.values() if g != assignment.generation]
+        for cancel in stale:
+            cancel()
         for job in dropped:
             self._skip(job, f"generation {assignment.generation} formed before it was replicated")
 
@@ -402,14 +405,19 @@ class ShardManager(PeerHandler):
                         job.rank, job.step, type(exc).__name__, exc)
             self._replicate(job, assignment, placement)
 
-    def _sending_on(self, job: _Job, sock: socket.socket) -> None:
-        """Register ``job``'s bulk send (``on_generation`` aborts those of older generations); one whose
-        generation is already over is aborted at once."""
+    def _sending_on(self, job: _Job, cancel: Callable[[], object]) -> None:
+        """Register how to cancel ``job``'s offer or bulk send in progress (``on_generation`` cancels those of
+        older generations: a peer cut off or paused would hold back every newer snapshot of the rank until
+        the call's timeout); one whose generation is already over is cancelled at once."""
         with self._lock:
             current = self._assignment.generation if self._assignment is not None else None
-            self._sending[job.rank] = (job.generation, sock)
+            self._sending[job.rank] = (job.generation, cancel)
         if current != job.generation:
-            _abort(sock)
+            cancel()
+
+    def _sent(self, job: _Job) -> None:
+        with self._lock:
+            self._sending.pop(job.rank, None)
 
     def _superseded(self, job: _Job) -> str | None:
         with self._lock:
@@ -450,7 +458,10 @@ class ShardManager(PeerHandler):
             if why:
                 raise ReplicationError(why)
             entry = assignment.entry(peer)
-            reply = self.client.offer(entry.addr, ref)
+            try:
+                reply = self.client.offer(entry.addr, ref, on_call=lambda call: self._sending_on(job, call.cancel))
+            finally:
+                self._sent(job)
             if not reply.accepted:
                 raise ReplicationError(f"peer {peer} refused the offer: {reply.reason}")
             failpoints.hit("repl.send.after_offer", rank=job.rank, step=job.step, to=peer)
@@ -458,11 +469,10 @@ class ShardManager(PeerHandler):
             if remaining <= 0:
                 raise ReplicationError(f"not replicated within {self.settings.replicate_timeout_s:g}s")
             try:
-                sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining,
-                                 pace=self._pace, on_connect=lambda sock: self._sending_on(job, sock))
+                sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining, pace=self._pace,
+                                 on_connect=lambda sock: self._sending_on(job, functools.partial(_abort, sock)))
             finally:
-                with self._lock:
-                    self._sending.pop(job.rank, None)
+                self._sent(job)
             with self._lock:
                 self.stats.sent_bytes += sent
                 self.stats.sent_shards += 1

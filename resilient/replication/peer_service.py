@@ -298,12 +298,20 @@ class PeerClient:
                 self._channels[address] = ch
             return pb_grpc.PeerServiceStub(ch)
 
-    def _call(self, address: str, method: str, request, timeout: float | None = None, retry_unavailable_s: float = 2.0):
+    def _call(self, address: str, method: str, request, timeout: float | None = None, retry_unavailable_s: float = 2.0,
+              on_call: Callable[[grpc.Future], None] | None = None):
+        """One signed call, retried while the peer is UNAVAILABLE for ``retry_unavailable_s``. ``on_call`` gets
+        each attempt's call as it starts (its ``cancel()`` ends the wait: PeerRefused ``CANCELLED``)."""
         deadline = time.monotonic() + retry_unavailable_s
         while True:
             self.authority.sign(method, request, self.generation())
             try:
-                return getattr(self._stub(address), method)(request, timeout=timeout or self.timeout)
+                call = getattr(self._stub(address), method).future(request, timeout=timeout or self.timeout)
+                if on_call is not None:
+                    on_call(call)
+                return call.result()
+            except grpc.FutureCancelledError as exc:
+                raise PeerRefused("CANCELLED", f"{method} to {address} was cancelled") from exc
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
@@ -311,8 +319,9 @@ class PeerClient:
                     continue
                 raise PeerRefused(code.name, f"{method} to {address} failed: {code.name}: {exc.details()}") from exc
 
-    def offer(self, address: str, ref: pb.ShardRef) -> pb.OfferReply:
-        return self._call(address, "Offer", pb.OfferRequest(shard=ref))
+    def offer(self, address: str, ref: pb.ShardRef,
+              on_call: Callable[[grpc.Future], None] | None = None) -> pb.OfferReply:
+        return self._call(address, "Offer", pb.OfferRequest(shard=ref), on_call=on_call)
 
     def pull(self, address: str, ref: pb.ShardRef, bulk_addr: str, timeout: float,
              byte_range: tuple[int, int] | None = None) -> pb.PullReply:

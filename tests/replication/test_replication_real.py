@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
+import time
 
 import grpc
 import pytest
@@ -86,6 +87,33 @@ def test_a_send_to_a_silent_peer_is_aborted_when_its_generation_ends(make_cluste
         c.wait_committed(2, [0], timeout=20.0)  # well before the 60 s the blocked send would have taken
         skipped = [e for e in events.read(event_log) if e["kind"] == "replica.skipped" and e["step"] == 1]
         assert skipped and skipped[0]["gen"] == 1, skipped
+    finally:
+        silent.close()
+        for sock in accepted:
+            sock.close()
+
+
+def test_an_offer_to_a_silent_peer_is_cancelled_when_its_generation_ends(make_cluster, event_log):
+    """A peer cut off by a partition (chaos scenario partition-host) or paused leaves the gRPC Offer waiting for
+    rpc_timeout_s (10 s), and with it every newer snapshot of the rank, though the generation moved on without
+    that peer. The new generation cancels the offer."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts the connection, never says anything
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    try:
+        c = make_cluster(2, replicas=2)
+        assert c.mgrs[0].settings.rpc_timeout_s >= 10.0
+        c.nodes[1] = dataclasses.replace(c.nodes[1], addr=f"127.0.0.1:{silent.getsockname()[1]}")
+        c.form(1, [0, 1])
+        c.seal(0, 0, 1, state(0, 1))
+        wait_until(lambda: accepted, 10.0, "the offer to connect")
+        began = time.monotonic()
+        c.form(2, [0])  # the peer is gone from the job
+        c.seal(0, 0, 2, state(0, 2))
+        c.wait_committed(2, [0], timeout=20.0)
+        assert time.monotonic() - began < 5.0, "step 2 waited for the offer of step 1 to time out"
+        skipped = [e for e in events.read(event_log) if e["kind"] == "replica.skipped" and e["step"] == 1]
+        assert skipped and skipped[0]["gen"] == 1 and "cancelled" in skipped[0]["reason"], skipped
     finally:
         silent.close()
         for sock in accepted:
