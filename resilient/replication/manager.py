@@ -15,10 +15,11 @@ claims hold (``resilient.replication.withdrawn``): no node commits a step on a c
 A shard that cannot reach all of its holders within ``replicate_timeout_s`` (peer gone, refused,
 generation changed) is skipped: event ``replica.skipped`` and the ``skipped`` counter; training is never
 blocked and the previous committed step stays the restore point. A new generation cancels the offer or
-bulk send of an older one still in progress (a peer cut off or paused would hold it until its timeout). An etcd error on the way (an election, a
-deadline, an indeterminate transaction) retries the snapshot once while it is still the rank's newest and
-within its time budget, else skips it with ``cause="etcd"``; the sender threads never die of it, so commits
-resume with the next snapshot once etcd answers again.
+bulk send of an older one still in progress (a peer cut off or paused would hold it until its timeout).
+An etcd error on the way (an election, a deadline, an indeterminate transaction) retries the snapshot
+once while it is still the rank's newest and within its time budget, else skips it with
+``cause="etcd"``; the sender threads never die of it, so commits resume with the next snapshot once etcd
+answers again.
 
 Restore (``prepare_restore``) is delegated to the ``ShardRestorer`` this manager owns (``restorer``,
 ``resilient.replication.restorer``); the manager shares with it its lock, its counters and the table of
@@ -469,7 +470,8 @@ class ShardManager(PeerHandler):
             if remaining <= 0:
                 raise ReplicationError(f"not replicated within {self.settings.replicate_timeout_s:g}s")
             try:
-                sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining, pace=self._pace,
+                sent = send_slot(seg, slot, split_hostport(entry.bulk_addr), self.token, timeout=remaining,
+                                 pace=self._pace,
                                  on_connect=lambda sock: self._sending_on(job, functools.partial(_abort, sock)))
             finally:
                 self._sent(job)
