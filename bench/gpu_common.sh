@@ -1,4 +1,5 @@
-# Shared by the prepared GPU checks (bench/gpu_check.sh, bench/gpu_snapshot_check.sh, bench/gpu_elastic_check.sh); sourced, not run.
+# Shared by the prepared GPU checks (bench/gpu_check.sh, bench/gpu_snapshot_check.sh,
+# bench/gpu_elastic_check.sh); sourced, not run.
 # The caller sets OUT (results directory) and may set PYTHON; everything is logged under $OUT.
 #   gpu_begin                  results directory, clock, CUDA build settings
 #   step NAME                  a timestamped step line in $OUT/env.txt and on the console
