@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
-import time
 
 import grpc
 import pytest
@@ -107,11 +106,9 @@ def test_an_offer_to_a_silent_peer_is_cancelled_when_its_generation_ends(make_cl
         c.form(1, [0, 1])
         c.seal(0, 0, 1, state(0, 1))
         wait_until(lambda: accepted, 10.0, "the offer to connect")
-        began = time.monotonic()
         c.form(2, [0])  # the peer is gone from the job
         c.seal(0, 0, 2, state(0, 2))
-        c.wait_committed(2, [0], timeout=20.0)
-        assert time.monotonic() - began < 5.0, "step 2 waited for the offer of step 1 to time out"
+        c.wait_committed(2, [0], timeout=8.0)  # before the offer's own 10 s timeout would have freed the rank
         skipped = [e for e in events.read(event_log) if e["kind"] == "replica.skipped" and e["step"] == 1]
         assert skipped and skipped[0]["gen"] == 1 and "cancelled" in skipped[0]["reason"], skipped
     finally:
