@@ -73,7 +73,6 @@ class QueuedWork:
 
     def __init__(self, device: torch.device, ms: float) -> None:
         self.a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)  # ~1.4 ms per product on an H100
-        self.count = 1
         torch.cuda.synchronize(device)
         began = time.perf_counter()
         self._matmuls(20)
@@ -166,7 +165,7 @@ def measure(nbytes: int, reps: int, device: torch.device) -> dict:
     torch.set_num_threads(threads)
     stall_s, memcpy_s = statistics.median(stalls), statistics.median(copies)
     copy_s = statistics.median(sync_stalls)
-    nb = sum(s.numel() * s.element_size() for s in srcs)
+    nb = model_bytes(model)
     behind = {} if queued is None else {
         "stall_behind_queued_s": round(statistics.median(queued_stalls), 6),
         "queued_ms": round(queued.ms, 1),

@@ -10,7 +10,7 @@ left (a live agent keeps it near the TTL; a low value means missed keep-alives),
 the committed checkpoint step, the restart count and whether the job is closed. ``read_status`` gathers
 it as a dict (also what ``--json`` prints; ``exists`` is false when etcd holds no key of the job at all,
 usually a mistyped ``--rdzv-id``); ``format_status`` renders the table. ``closed_text``,
-``missing_job_hint`` and ``ago`` are shared with ``resilient top``.
+``missing_job_hint``, ``ago`` and ``fmt`` are shared with ``resilient top``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def read_status(kv: KVStore, job: str, now: float | None = None) -> dict[str, An
     }
 
 
-def _fmt(v: Any, unit: str = "") -> str:
+def fmt(v: Any, unit: str = "") -> str:
+    """``v`` with ``unit`` appended, ``-`` for None."""
     return "-" if v is None else f"{v}{unit}"
 
 
@@ -138,7 +139,7 @@ def committed_text(s: dict[str, Any]) -> str:
     """The step of etcd's ``committed`` record; without one ``-``, and why when the job has a single node."""
     committed = s["committed"]
     if isinstance(committed, dict):
-        return _fmt(committed.get("step"))
+        return fmt(committed.get("step"))
     if committed is not None:
         return str(committed)
     if s["generation"] and len(s["members"]) == 1:
@@ -164,7 +165,7 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
             f"formed {age:.1f}s ago, process-group store {s['master']}"
         )
     lines.append(f"  committed step: {committed_text(s)}    restarts: {s['restarts']}    "
-                 f"closer: {_fmt(s['closer'])}")
+                 f"closer: {fmt(s['closer'])}")
     header = f"  {'node':<16} {'grp':>3} {'ranks':<16} {'alive':<5} {'lease left':>10} {'step':>8} {'reported':>9}  addr"
     rows = s["members"] + s["other_nodes"]
     if rows:
@@ -173,9 +174,9 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
         ranks = row.get("ranks")
         rtxt = "-" if ranks is None else (f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]))
         lines.append(
-            f"  {row['node']:<16} {_fmt(row.get('group_rank')):>3} {rtxt:<16} {'yes' if row['alive'] else 'NO':<5} "
-            f"{_fmt(row.get('lease_left_s'), 's'):>10} {_fmt(row.get('step')):>8} "
-            f"{_fmt(row.get('progress_age_s'), 's'):>9}  {_fmt(row.get('addr'))}"
+            f"  {row['node']:<16} {fmt(row.get('group_rank')):>3} {rtxt:<16} {'yes' if row['alive'] else 'NO':<5} "
+            f"{fmt(row.get('lease_left_s'), 's'):>10} {fmt(row.get('step')):>8} "
+            f"{fmt(row.get('progress_age_s'), 's'):>9}  {fmt(row.get('addr'))}"
         )
     if s["waiting"]:
         lines.append(f"  waiting to join: {', '.join(s['waiting'])}")

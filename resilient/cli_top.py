@@ -31,11 +31,11 @@ from typing import Any, Callable, Sequence, TextIO
 
 from resilient import env
 from resilient.cli_status import (
-    _fmt,
     add_job_etcd_args,
     ago,
     closed_text,
     etcd_settings,
+    fmt,
     missing_job_hint,
     read_status,
 )
@@ -264,15 +264,15 @@ def render(
     else:
         lines.append(
             f"generation   {snap['generation']}   world size {snap['world_size']}   nodes {len(members)}   "
-            f"formed {ago(snap['formed_at'], now)}   store {_fmt(snap['master'])}"
+            f"formed {ago(snap['formed_at'], now)}   store {fmt(snap['master'])}"
         )
     committed = snap["committed"]
     if isinstance(committed, dict):
         when = ago(committed.get("committed_at"), now)
         ctext = f"{committed.get('step')} (gen {committed.get('generation')}, {when})"
     else:
-        ctext = _fmt(committed)
-    lines.append(f"committed    step {ctext}   restarts {snap['restarts']}   closer {_fmt(snap['closer'])}")
+        ctext = fmt(committed)
+    lines.append(f"committed    step {ctext}   restarts {snap['restarts']}   closer {fmt(snap['closer'])}")
     lines += _history_lines(snap.get("history") or {}, now)
     lines.append("")
     header = (f"  {'node':<20} {'grp':>3} {'ranks':<9} {'alive':<5} {'lease':>6} {'step':>8} {'step/s':>7} "
@@ -281,10 +281,10 @@ def render(
     for row in members + others:
         rate = rates.get(row["node"])
         rows.append(
-            f"  {row['node']:<20} {_fmt(row.get('group_rank')):>3} {_ranks(row.get('ranks')):<9} "
-            f"{'yes' if row['alive'] else 'NO':<5} {_fmt(row.get('lease_left_s'), 's'):>6} "
-            f"{_fmt(row.get('step')):>8} {('-' if rate is None else f'{rate:.2f}'):>7} "
-            f"{_age_s(row.get('progress_age_s')):>9}  {_fmt(row.get('addr'))}"
+            f"  {row['node']:<20} {fmt(row.get('group_rank')):>3} {_ranks(row.get('ranks')):<9} "
+            f"{'yes' if row['alive'] else 'NO':<5} {fmt(row.get('lease_left_s'), 's'):>6} "
+            f"{fmt(row.get('step')):>8} {('-' if rate is None else f'{rate:.2f}'):>7} "
+            f"{_age_s(row.get('progress_age_s')):>9}  {fmt(row.get('addr'))}"
         )
     tail = [f"waiting to join: {', '.join(snap['waiting'])}"] if snap["waiting"] else []
     if rows:

@@ -49,7 +49,7 @@ from resilient.errors import (
     RestartBudgetExceededError,
 )
 from resilient.keys import JobKeys
-from resilient.rendezvous.state import MEMBER_FAILED
+from resilient.rendezvous.state import member_failed
 from resilient.runtime.api import WorkerAssignment
 from resilient.runtime.control import ControlBlock
 
@@ -389,7 +389,7 @@ class NodeAgent:
                 if self._round is None or self._round.generation < generation:
                     self._round = _Round(generation, reason, time.monotonic())
             events.emit("rdzv.round", reason=reason, gen=generation)
-            self._announce_pending(generation, failed=reason.startswith(MEMBER_FAILED))
+            self._announce_pending(generation, failed=member_failed(reason))
             self._wake.set()
 
         return cb
@@ -473,7 +473,7 @@ class NodeAgent:
         t0 = time.monotonic()
         prev = self.assignment.generation if self.assignment else None
         if prev is not None:
-            self._announce_pending(prev, failed=reason.startswith(MEMBER_FAILED))
+            self._announce_pending(prev, failed=member_failed(reason))
         try:
             a = self.rdzv.join()
         except RendezvousClosedError as exc:

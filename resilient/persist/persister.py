@@ -213,7 +213,7 @@ class Persister:
             )
         except Exception as exc:
             os_error = os_error_behind(exc)
-            name, code = errno_name(exc), os_error.errno if os_error is not None else None
+            name, code = (errno_name(os_error), os_error.errno) if os_error is not None else (None, None)
             self._emit("persist.failed", step=job.step, error=f"{type(exc).__name__}: {exc}", errno=name,
                        errno_code=code)
             log.error("Persisting step %d to %s failed: %s", job.step, self.config.directory, exc)

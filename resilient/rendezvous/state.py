@@ -230,6 +230,11 @@ def _node_under(key: str, prefix: str) -> str | None:
 MEMBER_FAILED = ("fault:", "node-lost:")
 
 
+def member_failed(reason: str) -> bool:
+    """Whether a round's ``reason`` means a member of the ending generation failed or is gone."""
+    return reason.startswith(MEMBER_FAILED)
+
+
 def member_trigger(keys: JobKeys, assignment: Assignment, max_nodes: int, event: WatchEvent) -> str | None:
     """Why ``event`` (seen after ``assignment`` formed) ends that generation, or None if it does not.
 

@@ -19,6 +19,7 @@ from resilient.rendezvous.state import (
     Wait,
     Waiting,
     WaitingGone,
+    member_failed,
     member_trigger,
     plan_assignment,
 )
@@ -199,6 +200,20 @@ def ev(kind: str, key: str, value: bytes = b"x", rev: int = 50) -> WatchEvent:
 )
 def test_member_trigger(event, max_nodes, reason):
     assert member_trigger(KEYS, G1, max_nodes, event) == reason
+
+
+@pytest.mark.parametrize(
+    "event,failed",
+    [
+        (ev("delete", KEYS.node("n1")), True),  # a member's node is gone
+        (ev("put", KEYS.fault(4, "n0")), True),  # a member reported a fault
+        (ev("put", KEYS.waiting("n7")), False),  # a node joins: the generation's snapshots may still commit
+        (ev("put", KEYS.gen(5)), False),
+        (ev("put", KEYS.closed), False),
+    ],
+)
+def test_member_failed_tells_the_reasons_that_end_a_generation_by_a_failure(event, failed):
+    assert member_failed(member_trigger(KEYS, G1, 8, event)) is failed
 
 
 # --- budget --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ host loss during replication, and refusal of stale, unauthenticated or malformed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -16,6 +17,7 @@ from resilient._proto import peer_pb2 as pb
 from resilient.errors import TransportError
 from resilient.replication.commit import read_commit, read_manifests
 from resilient.replication.peer_service import PeerAuthority, PeerClient, PeerRefused
+from resilient.replication.settings import DEFAULT_RPC_TIMEOUT_S
 from resilient.store import Segment
 from resilient.store.transport import send_slot
 from resilient.testing.etcd import wait_until
@@ -67,54 +69,53 @@ def test_newer_commit_releases_older_and_moves_forward(make_cluster):
             assert c.mgrs[int(h[1:])].local.find(rank, 2, 1)
 
 
-def test_a_send_to_a_silent_peer_is_aborted_when_its_generation_ends(make_cluster, event_log):
-    """A peer paused (SIGSTOP) or cut off accepts the TCP connection in its kernel and then says nothing: a
-    send to it would block up to replicate_timeout_s (60 s), holding back every newer snapshot of that rank,
-    even after the generation moved on without the peer (chaos scenario pause-node-outlived). The new
-    generation aborts it."""
-    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never greets
+@contextlib.contextmanager
+def silent_peer():
+    """A listening socket that accepts connections and never says anything, as a peer paused (SIGSTOP) or cut
+    off by a silent drop looks from outside; yields its address and the connections it accepted."""
+    silent = socket.create_server(("127.0.0.1", 0))
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
     try:
-        c = make_cluster(2, replicas=2)
-        c.nodes[1] = dataclasses.replace(c.nodes[1], bulk_addr=f"127.0.0.1:{silent.getsockname()[1]}")
-        c.form(1, [0, 1])
-        c.seal(0, 0, 1, state(0, 1))
-        wait_until(lambda: accepted, 10.0, "the send to connect")
-        c.form(2, [0])  # the peer is gone from the job
-        c.seal(0, 0, 2, state(0, 2))
-        c.wait_committed(2, [0], timeout=20.0)  # well before the 60 s the blocked send would have taken
-        skipped = [e for e in events.read(event_log) if e["kind"] == "replica.skipped" and e["step"] == 1]
-        assert skipped and skipped[0]["gen"] == 1, skipped
+        yield f"127.0.0.1:{silent.getsockname()[1]}", accepted
     finally:
         silent.close()
         for sock in accepted:
             sock.close()
+
+
+def _past_a_silent_peer(make_cluster, event_log, address_field: str, timeout: float) -> list[dict]:
+    """Rank 0 replicates step 1 to a peer whose ``address_field`` is a silent one; the next generation, without
+    that peer, must commit step 2 within ``timeout``. Returns the ``replica.skipped`` events of step 1."""
+    with silent_peer() as (address, accepted):
+        c = make_cluster(2, replicas=2)
+        c.nodes[1] = dataclasses.replace(c.nodes[1], **{address_field: address})
+        c.form(1, [0, 1])
+        c.seal(0, 0, 1, state(0, 1))
+        wait_until(lambda: accepted, 10.0, f"rank 0 to connect to the peer's {address_field}")
+        c.form(2, [0])  # the peer is gone from the job
+        c.seal(0, 0, 2, state(0, 2))
+        c.wait_committed(2, [0], timeout=timeout)
+    return [e for e in events.read(event_log) if e["kind"] == "replica.skipped" and e["step"] == 1]
+
+
+def test_a_send_to_a_silent_peer_is_aborted_when_its_generation_ends(make_cluster, event_log):
+    """A send to a silent peer would block up to replicate_timeout_s (60 s), holding back every newer snapshot
+    of that rank, even after the generation moved on without the peer (chaos scenario pause-node-outlived).
+    The new generation aborts it."""
+    # well before the 60 s the blocked send would have taken
+    skipped = _past_a_silent_peer(make_cluster, event_log, "bulk_addr", timeout=20.0)
+    assert skipped and skipped[0]["gen"] == 1, skipped
 
 
 def test_an_offer_to_a_silent_peer_is_cancelled_when_its_generation_ends(make_cluster, event_log):
     """A peer cut off by a partition (chaos scenario partition-host) or paused leaves the gRPC Offer waiting for
     rpc_timeout_s (10 s), and with it every newer snapshot of the rank, though the generation moved on without
     that peer. The new generation cancels the offer."""
-    silent = socket.create_server(("127.0.0.1", 0))  # accepts the connection, never says anything
-    accepted: list[socket.socket] = []
-    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
-    try:
-        c = make_cluster(2, replicas=2)
-        assert c.mgrs[0].settings.rpc_timeout_s >= 10.0
-        c.nodes[1] = dataclasses.replace(c.nodes[1], addr=f"127.0.0.1:{silent.getsockname()[1]}")
-        c.form(1, [0, 1])
-        c.seal(0, 0, 1, state(0, 1))
-        wait_until(lambda: accepted, 10.0, "the offer to connect")
-        c.form(2, [0])  # the peer is gone from the job
-        c.seal(0, 0, 2, state(0, 2))
-        c.wait_committed(2, [0], timeout=8.0)  # before the offer's own 10 s timeout would have freed the rank
-        skipped = [e for e in events.read(event_log) if e["kind"] == "replica.skipped" and e["step"] == 1]
-        assert skipped and skipped[0]["gen"] == 1 and "cancelled" in skipped[0]["reason"], skipped
-    finally:
-        silent.close()
-        for sock in accepted:
-            sock.close()
+    assert DEFAULT_RPC_TIMEOUT_S >= 10.0
+    # before the offer's own timeout would have freed the rank
+    skipped = _past_a_silent_peer(make_cluster, event_log, "addr", timeout=8.0)
+    assert skipped and skipped[0]["gen"] == 1 and "cancelled" in skipped[0]["reason"], skipped
 
 
 def test_restore_from_peer_is_bit_exact_after_local_loss(make_cluster, event_log):

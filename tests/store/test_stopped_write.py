@@ -23,14 +23,15 @@ def seg(shm_dir, engine):
     s.unlink()
 
 
-def _regions(n: int):
+def _buffers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source of ``n`` known bytes and a zeroed destination of the same size."""
     src = torch.arange(n, dtype=torch.uint8)
     dst = torch.zeros(n, dtype=torch.uint8)
     return src, dst
 
 
 def test_a_word_not_above_its_value_lets_the_copy_run_to_the_end(engine):
-    src, dst = _regions(10 * CHUNK + 17)
+    src, dst = _buffers(10 * CHUNK + 17)
     word = ctypes.c_int64(3)
     plain = engine.copy_checksum_batch([dst.data_ptr()], [src.data_ptr()], [src.numel()], CHUNK)
     dst.zero_()
@@ -41,7 +42,7 @@ def test_a_word_not_above_its_value_lets_the_copy_run_to_the_end(engine):
 
 
 def test_a_word_above_its_value_stops_the_copy_before_any_chunk(engine):
-    src, dst = _regions(10 * CHUNK)
+    src, dst = _buffers(10 * CHUNK)
     word = ctypes.c_int64(4)
     got = engine.copy_checksum_batch([dst.data_ptr()], [src.data_ptr()], [src.numel()], CHUNK,
                                      stop_word=ctypes.addressof(word), stop_above=3)
@@ -51,7 +52,7 @@ def test_a_word_above_its_value_stops_the_copy_before_any_chunk(engine):
 
 def test_a_word_raised_part_way_stops_the_copy_before_the_next_chunk(engine):
     # on one thread the chunks are copied in order, and the first region's copy is what raises the word
-    src, dst = _regions(10 * CHUNK)
+    src, dst = _buffers(10 * CHUNK)
     word, raised = ctypes.c_int64(0), ctypes.c_int64(9)
     got = engine.copy_checksum_batch([ctypes.addressof(word), dst.data_ptr()],
                                      [ctypes.addressof(raised), src.data_ptr()], [8, src.numel()], CHUNK,
@@ -62,7 +63,7 @@ def test_a_word_raised_part_way_stops_the_copy_before_the_next_chunk(engine):
 
 
 def test_a_misaligned_stop_word_is_refused(engine):
-    src, dst = _regions(CHUNK)
+    src, dst = _buffers(CHUNK)
     words = (ctypes.c_int64 * 2)()
     with pytest.raises(ValueError, match="8-byte aligned"):
         engine.copy_checksum_batch([dst.data_ptr()], [src.data_ptr()], [src.numel()], CHUNK,
